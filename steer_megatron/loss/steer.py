@@ -1,0 +1,149 @@
+"""STEER's per-token entropy-change estimate (Omega) and the token weights derived from it.
+
+Omega is the first-order change of the state's entropy that one policy-gradient step on a token
+causes, per unit learning rate, with the log-prob gradient weighted by A / p_old as in the public
+release. Three forms (DESIGN.md section 1), with L(a) = log p(a) + H:
+  release: -(A / p_old) * p (1 - p) L(o)              p current policy, H old policy (as released)
+  paper:   -(A / p_old) * p (1 - p)^2 L(o) * I_clip  Theorem 1 / eq. 9 (learning rate folded out)
+  exact:   -(A / p_old) * [p L(o) - sum_a p_a^2 L(a)] exact first order of a softmax; p, H and the
+                                                      sum p^2 terms all from the current policy
+The sign is the predicted direction of the entropy change; weights use |Omega|.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+FORMS = ("release", "paper", "exact")
+MAPPINGS = ("exp", "linear")
+GROUPS = ("micro_batch", "dp")
+OMEGA_FLOOR = 0.02  # the release's floor on max|Omega| for the exp mapping
+_P_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    form: str = "release"
+    mapping: str = "exp"
+    w_min: float = 0.8
+    w_max: float = 1.0
+    group: str = "micro_batch"  # over which tokens min/max |Omega| are taken
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"steer.form={self.form!r}: choose one of {FORMS}")
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"steer.mapping={self.mapping!r}: choose one of {MAPPINGS}")
+        if self.group not in GROUPS:
+            raise ValueError(f"steer.group={self.group!r}: choose one of {GROUPS}")
+        if not 0 < self.w_min <= self.w_max:
+            raise ValueError(f"steer.w_min={self.w_min}, steer.w_max={self.w_max}: need 0 < w_min <= w_max")
+        if self.mapping == "exp" and self.w_min > 1:
+            raise ValueError(f"steer.w_min={self.w_min}: the exp mapping needs w_min <= 1 (weights lie in [w_min, 1])")
+
+
+def omega(
+    advantages: torch.Tensor,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    entropy: torch.Tensor,
+    *,
+    form: str = "release",
+    sum_p2: torch.Tensor | None = None,
+    sum_p2_logp: torch.Tensor | None = None,
+    clip_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Signed per-token Omega (no gradient). Non-finite values become 0, as in the release.
+
+    entropy: the old policy's entropy for `release` (and `paper`); for `exact` pass the current
+        policy's entropy together with sum_p2 / sum_p2_logp from the same forward pass.
+    clip_mask: `paper` only, True where the PPO ratio is clipped (I_clip = 0 there).
+    """
+    if form not in FORMS:
+        raise ValueError(f"omega form={form!r}: choose one of {FORMS}")
+    with torch.no_grad():
+        lp = log_prob.detach().float()
+        p = lp.exp().clamp(_P_EPS, 1 - _P_EPS)
+        p_old = old_log_prob.detach().float().exp().clamp(_P_EPS, 1.0)
+        ent = entropy.detach().float()
+        coef = -advantages.detach().float() / p_old
+        if form == "exact":
+            if sum_p2 is None or sum_p2_logp is None:
+                raise ValueError("omega form='exact' needs sum_p2 and sum_p2_logp (from token_stats)")
+            own = p * (lp + ent)
+            others = sum_p2_logp.detach().float() + ent * sum_p2.detach().float()
+            om = coef * (own - others)
+        else:
+            base = coef * p * (1 - p) * (p.log() + ent)
+            if form == "release":
+                om = base
+            else:
+                om = base * (1 - p)
+                if clip_mask is not None:
+                    om = om * (~clip_mask.bool()).float()
+        return torch.where(torch.isfinite(om), om, torch.zeros_like(om))
+
+
+def _masked_min_max(x: torch.Tensor, mask: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max of x over mask; over the whole data-parallel group when one is given."""
+    big = torch.finfo(x.dtype).max
+    hi = torch.where(mask, x, torch.full_like(x, -big)).amax() if x.numel() else x.new_tensor(-big)
+    lo = torch.where(mask, x, torch.full_like(x, big)).amin() if x.numel() else x.new_tensor(big)
+    if group is not None:
+        both = torch.stack([hi, -lo])  # one all-reduce for both ends
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        hi, lo = both[0], -both[1]
+    # No valid token anywhere: any finite value works, the weights are masked out.
+    empty = hi < lo
+    return torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.zeros_like(hi), hi)
+
+
+def weights_from_omega(
+    abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, *, dp_group=None
+) -> torch.Tensor:
+    """Map |Omega| to weights: tokens predicted to move entropy most get the smallest weight."""
+    mask = mask.bool()
+    group = dp_group if cfg.group == "dp" else None
+    if cfg.group == "dp" and group is None and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("steer.group='dp' needs the data-parallel process group (dp_group)")
+    lo, hi = _masked_min_max(abs_omega, mask, group)
+    if cfg.mapping == "exp":
+        k = -math.log(cfg.w_min) / torch.clamp(hi, min=OMEGA_FLOOR)
+        w = torch.exp(-k * abs_omega).clamp(cfg.w_min, 1.0)
+    else:
+        span = hi - lo
+        frac = torch.where(span > 0, (abs_omega - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.full_like(abs_omega, 0.5))
+        w = (cfg.w_max - frac * (cfg.w_max - cfg.w_min)).clamp(cfg.w_min, cfg.w_max)
+    return torch.where(mask, w, torch.zeros_like(w))
+
+
+def steer_weights(
+    advantages: torch.Tensor,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    form: str = "release",
+    mapping: str = "exp",
+    w_min: float = 0.8,
+    w_max: float = 1.0,
+    group: str = "micro_batch",
+    dp_group=None,
+    sum_p2: torch.Tensor | None = None,
+    sum_p2_logp: torch.Tensor | None = None,
+    clip_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """STEER token weights shaped like the inputs (0 where mask is False; no gradient).
+
+    min / max |Omega| are taken over the valid tokens of the local micro-batch (group="micro_batch",
+    as released) or of the whole data-parallel group (group="dp", one small all-reduce on dp_group).
+    """
+    cfg = SteerConfig(form=form, mapping=mapping, w_min=w_min, w_max=w_max, group=group)
+    om = omega(
+        advantages, log_prob, old_log_prob, entropy, form=form, sum_p2=sum_p2, sum_p2_logp=sum_p2_logp, clip_mask=clip_mask
+    )
+    return weights_from_omega(om.abs(), mask, cfg, dp_group=dp_group)

@@ -1,0 +1,87 @@
+"""Start N local ranks (gloo on CPU, NCCL on GPU) and collect each rank's return value.
+
+Used by the tests and by tools that launch their own ranks (converters). Functions passed in
+must be importable (module level), because ranks are started with the spawn method.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    # Two ranks per core here: more threads per rank only thrash.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        result = fn(*args, **kwargs)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            try:
+                from megatron.core import parallel_state as ps
+
+                ps.destroy_model_parallel()
+            except Exception:
+                pass
+            dist.destroy_process_group()
+
+
+def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0, **kwargs: Any) -> list[Any]:
+    """Run fn(*args, **kwargs) on world_size fresh processes; return results ordered by rank.
+
+    Raises RuntimeError with the failing rank's traceback if any rank fails or times out.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        import queue as queue_mod
+
+        for _ in range(world_size):
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except queue_mod.Empty:
+                errors.append(f"timed out after {timeout:.0f} s waiting for ranks")
+                break
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
