@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m steer_megatron.demo
 
 test: $(VENV)/.installed
+	$(PY) -m steer_megatron.rollout.contract --fetch  # SGLang's /generate schema, cached in .cache/
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -5,49 +5,11 @@ statistics and every parameter gradient (gathered back to the TP = 1 layout) mus
 """
 import torch
 
-from steer_megatron.loss import PolicyLossInputs, get_policy_loss, padded_vocab_size, token_stats
+from steer_megatron.loss import PolicyLossInputs, get_policy_loss, token_stats
 from steer_megatron.parallel import ParallelLayout, init_parallel, spawn_ranks
+from tests.tiny_gpt import build_tiny_gpt, shard, unshard
 
-VOCAB, HIDDEN, HEADS, GROUPS, FFN = 200, 64, 4, 2, 96
-
-
-def _build(tp):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    cfg = TransformerConfig(
-        num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=FFN,
-        tensor_model_parallel_size=tp, normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
-    )
-    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=padded_vocab_size(VOCAB, tp),
-                    max_sequence_length=64, position_embedding_type="rope", rotary_base=10000,
-                    share_embeddings_and_output_weights=False)
-
-
-def _shard(name, full, tp, rank):
-    """The TP-rank slice of a full (TP = 1) parameter, in megatron's layouts (DESIGN.md section 3)."""
-    if "linear_fc1.weight" in name:  # [gate; up] -> [gate_r; up_r]
-        gate, up = full.chunk(2, 0)
-        return torch.cat([gate.chunk(tp, 0)[rank], up.chunk(tp, 0)[rank]])
-    if any(k in name for k in ("linear_qkv", "word_embeddings", "output_layer")):
-        return full.chunk(tp, 0)[rank]  # qkv rows are grouped per query group: contiguous chunks
-    if any(k in name for k in ("linear_proj.weight", "linear_fc2.weight")):
-        return full.chunk(tp, 1)[rank]
-    return full  # norms are replicated
-
-
-def _unshard(name, shards):
-    if "linear_fc1.weight" in name:
-        pairs = [s.chunk(2, 0) for s in shards]
-        return torch.cat([torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])])
-    if any(k in name for k in ("linear_qkv", "word_embeddings", "output_layer")):
-        return torch.cat(shards, 0)
-    if any(k in name for k in ("linear_proj.weight", "linear_fc2.weight")):
-        return torch.cat(shards, 1)
-    return shards[0]
+VOCAB = 200
 
 
 def _batch():
@@ -74,7 +36,7 @@ def _steer_step(model, tp_group):
 
 def tp1_worker():
     init_parallel(ParallelLayout(tp=1), seed=7)
-    model = _build(1)
+    model = build_tiny_gpt(1, VOCAB)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss, stats = _steer_step(model, None)
     return weights, loss, stats, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -84,11 +46,11 @@ def tp2_worker(weights):
     init_parallel(ParallelLayout(tp=2), seed=7)
     from megatron.core import parallel_state as ps
 
-    model = _build(2)
+    model = build_tiny_gpt(2, VOCAB)
     rank = ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(_shard(n, weights[n], 2, rank))
+            p.copy_(shard(n, weights[n], 2, rank))
     loss, stats = _steer_step(model, ps.get_tensor_model_parallel_group())
     return loss, stats, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -101,7 +63,7 @@ def test_gptmodel_tp2_steer_loss_and_gradients_match_tp1():
         torch.testing.assert_close(stats2, stats1, atol=1e-5, rtol=1e-5)
     assert set(ranks[0][2]) == set(grads1)
     for name, g1 in grads1.items():
-        g2 = _unshard(name, [r[2][name] for r in ranks])
+        g2 = unshard(name, [r[2][name] for r in ranks])
         assert g2.shape == g1.shape, name
         torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in grads1.values())

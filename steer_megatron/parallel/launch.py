@@ -5,12 +5,12 @@ must be importable (module level), because ranks are started with the spawn meth
 """
 from __future__ import annotations
 
+import io
+import multiprocessing as mp
 import os
 import socket
 import traceback
 from typing import Any, Callable
-
-import torch.multiprocessing as mp
 
 
 def free_port() -> int:
@@ -30,7 +30,11 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, kwar
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         result = fn(*args, **kwargs)
-        queue.put((rank, "ok", result))
+        # Serialised to bytes: torch's queue pickler would share tensors through file descriptors
+        # that vanish when this process exits before the parent reads them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -72,7 +76,9 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.
                 errors.append(f"timed out after {timeout:.0f} s waiting for ranks")
                 break
             if status == "ok":
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -1,0 +1,1 @@
+"""The GRPO/STEER training loop and its Megatron-side pieces."""

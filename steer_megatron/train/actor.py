@@ -1,0 +1,178 @@
+"""The policy on Megatron-Core: per-token statistics passes and PPO-style updates.
+
+Runs through megatron-core's own forward/backward schedule (so pipeline parallelism uses its 1F1B
+schedule), megatron DDP and megatron's optimizer. Every rank of a TP/PP group receives the same
+micro-batches; the statistics and the loss live on the last pipeline stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from steer_megatron.loss import PolicyLossConfig, PolicyLossInputs, get_policy_loss, token_stats
+
+
+@dataclass
+class ActorBatch:
+    """One rollout batch in next-token layout: position t predicts input_ids[:, t + 1].
+
+    input_ids [B, L] right-padded (megatron's RoPE ignores position ids, so no left padding);
+    every other tensor is [B, L - 1]. loss_mask is True on response tokens.
+    """
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor | None = None
+    old_log_prob: torch.Tensor | None = None
+    old_entropy: torch.Tensor | None = None
+    rollout_log_prob: torch.Tensor | None = None
+    ref_log_prob: torch.Tensor | None = None
+
+    def __post_init__(self):
+        b, length = self.input_ids.shape
+        for f in fields(self)[1:]:
+            t = getattr(self, f.name)
+            if t is not None and tuple(t.shape) != (b, length - 1):
+                raise ValueError(f"ActorBatch.{f.name} has shape {tuple(t.shape)}, expected {(b, length - 1)}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, start: int, stop: int) -> "ActorBatch":
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
+                                for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    vocab_size: int  # the tokenizer's real vocabulary; padded logit columns are masked
+    micro_batch_size: int = 4
+    mini_batch_size: int = 32  # sequences per optimizer step
+    ppo_epochs: int = 1
+    policy_loss: str = "steer"
+    loss: PolicyLossConfig = PolicyLossConfig()
+    chunk_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(f"mini_batch_size={self.mini_batch_size} must be a multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        get_policy_loss(self.policy_loss)  # unknown names fail at start-up
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+class MegatronActor:
+    def __init__(self, model: torch.nn.Module, optimizer, cfg: ActorConfig, scheduler=None):
+        self.model, self.optimizer, self.cfg, self.scheduler = model, optimizer, cfg, scheduler
+        self.loss_fn = get_policy_loss(cfg.policy_loss)
+
+    # -- statistics ---------------------------------------------------------------------------
+    def _stats(self, logits: torch.Tensor, mb: ActorBatch, p2_stats: bool):
+        from megatron.core import parallel_state as ps
+
+        return token_stats(logits[:, :-1], mb.input_ids[:, 1:], vocab_size=self.cfg.vocab_size,
+                           tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=self.cfg.chunk_tokens,
+                           p2_stats=p2_stats)
+
+    def _run(self, batch: ActorBatch, loss_func, forward_only: bool):
+        """megatron's forward/backward schedule over micro-batches of `batch`."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs = self.cfg.micro_batch_size
+        micro = [batch.slice(i, i + mbs) for i in range(0, len(batch), mbs)]
+        seq = batch.input_ids.shape[1]
+
+        def forward_step(data_iter, model):
+            mb = next(data_iter)
+            pos = torch.arange(seq, device=mb.input_ids.device)[None].expand_as(mb.input_ids)
+            return model(mb.input_ids, pos, None), partial(loss_func, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
+            num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: ActorBatch, *, p2_stats: bool = False):
+        """(log_prob, entropy) [B, L-1] of the current weights on the last stage, None elsewhere."""
+        self.model.eval()
+
+        def loss_func(mb, logits):
+            st = self._stats(logits, mb, p2_stats)
+            return logits.new_zeros(()), {"logprob": st.logprob, "entropy": st.entropy}
+
+        out = self._run(batch, loss_func, forward_only=True)
+        self.model.train()
+        if not _is_last_stage():
+            return None, None
+        return torch.cat([o["logprob"] for o in out]), torch.cat([o["entropy"] for o in out])
+
+    # -- update -------------------------------------------------------------------------------
+    def _global_tokens(self, mini: ActorBatch) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        n = mini.loss_mask.sum().to(torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(n, group=ps.get_data_parallel_group())
+        return n
+
+    def update(self, batch: ActorBatch) -> dict[str, float]:
+        """ppo_epochs passes over mini-batches; one optimizer step per mini-batch. Returns mean metrics."""
+        from megatron.core import parallel_state as ps
+
+        if batch.advantages is None or batch.old_log_prob is None:
+            raise ValueError("update() needs advantages and old_log_prob (run compute_log_probs first)")
+        cfg = self.cfg
+        form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
+        dp = ps.get_data_parallel_world_size()
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms = []
+        for _ in range(cfg.ppo_epochs):
+            for start in range(0, len(batch), cfg.mini_batch_size):
+                mini = batch.slice(start, start + cfg.mini_batch_size)
+                n_micro = -(-len(mini) // cfg.micro_batch_size)
+                token_mean = cfg.loss.loss_agg_mode == "token-mean"
+                # token-mean over the whole mini-batch on every DP rank: the schedule divides by the
+                # number of micro-batches and DDP averages over DP, so undo both.
+                normalizer = self._global_tokens(mini) if token_mean else None
+                scale = n_micro * dp if token_mean else 1
+
+                def loss_func(mb, logits):
+                    st = self._stats(logits, mb, p2_stats=form == "exact")
+                    inp = PolicyLossInputs(
+                        log_prob=st.logprob, old_log_prob=mb.old_log_prob, advantages=mb.advantages,
+                        mask=mb.loss_mask, entropy=st.entropy, old_entropy=mb.old_entropy,
+                        sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=mb.ref_log_prob,
+                        rollout_log_prob=mb.rollout_log_prob, token_normalizer=normalizer,
+                        dp_group=ps.get_data_parallel_group(),
+                    )
+                    loss, metrics = self.loss_fn(inp, cfg.loss)
+                    metrics["loss"] = loss.detach().clone()
+                    return loss * scale, metrics
+
+                self.model.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                out = self._run(mini, loss_func, forward_only=False)
+                ok, grad_norm, _ = self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step(increment=1)
+                if _is_last_stage():
+                    for o in out:
+                        for k, v in o.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                    count += len(out)
+                grad_norms.append(float(grad_norm or 0.0))
+                if not ok:
+                    raise FloatingPointError("optimizer step skipped: non-finite gradients (lower the LR or check the data)")
+        metrics = {k: v / max(count, 1) for k, v in sums.items()}
+        metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        return metrics
