@@ -31,6 +31,7 @@ class SteerConfig:
     w_min: float = 0.8
     w_max: float = 1.0
     group: str = "micro_batch"  # over which tokens min/max |Omega| are taken
+    omega_floor: float = OMEGA_FLOOR  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -41,6 +42,8 @@ class SteerConfig:
             raise ValueError(f"steer.group={self.group!r}: choose one of {GROUPS}")
         if not 0 < self.w_min <= self.w_max:
             raise ValueError(f"steer.w_min={self.w_min}, steer.w_max={self.w_max}: need 0 < w_min <= w_max")
+        if self.omega_floor <= 0:
+            raise ValueError(f"steer.omega_floor={self.omega_floor} must be > 0")
         if self.mapping == "exp" and self.w_min > 1:
             raise ValueError(f"steer.w_min={self.w_min}: the exp mapping needs w_min <= 1 (weights lie in [w_min, 1])")
 
@@ -111,7 +114,7 @@ def weights_from_omega(
         raise ValueError("steer.group='dp' needs the data-parallel process group (dp_group)")
     lo, hi = _masked_min_max(abs_omega, mask, group)
     if cfg.mapping == "exp":
-        k = -math.log(cfg.w_min) / torch.clamp(hi, min=OMEGA_FLOOR)
+        k = -math.log(cfg.w_min) / torch.clamp(hi, min=cfg.omega_floor)
         w = torch.exp(-k * abs_omega).clamp(cfg.w_min, 1.0)
     else:
         span = hi - lo

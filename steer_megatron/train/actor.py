@@ -128,7 +128,7 @@ class MegatronActor:
         """ppo_epochs passes over mini-batches; one optimizer step per mini-batch. Returns mean metrics."""
         from megatron.core import parallel_state as ps
 
-        if batch.advantages is None or batch.old_log_prob is None:
+        if _is_last_stage() and (batch.advantages is None or batch.old_log_prob is None):
             raise ValueError("update() needs advantages and old_log_prob (run compute_log_probs first)")
         cfg = self.cfg
         form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
