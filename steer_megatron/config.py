@@ -1,0 +1,405 @@
+"""Run configuration: YAML files in configs/ + command-line dotlist overrides -> typed dataclasses.
+
+    cfg = load_config("configs/qwen2.5-math-7b_steer.yaml", ["trainer.total_steps=10"])
+
+A YAML file may name `base: other.yaml` (relative to itself, or a list of them); the bases
+are merged first, then the file, then the overrides. Unknown keys and wrongly typed values
+fail at load time naming the key. `validate_config` checks what can only be checked once
+everything is known (batch divisibility, parallel layout vs world size and heads, paths).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "cpu_demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # HF model directory (config.json + weights + tokenizer). Null only with demo.enabled,
+    # where the demo builds the tiny model and fills it in.
+    hf_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None  # defaults to hf_path
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    max_prompt_len: int = 1024
+    max_response_len: int = 3072
+    shuffle: bool = True
+    seed: int = 1
+    on_malformed: str = "error"  # error | skip (skipped rows are counted and reported)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "cpu"  # cpu (steer_megatron.rollout.cpu_server, transformers) | sglang
+    n: int = 8  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = II("data.max_response_len")
+    num_servers: int = 1  # rollout servers the trainer launches (when server_urls is empty)
+    tp_size: int = 1  # tensor parallel size of each SGLang server
+    server_urls: list[str] = field(default_factory=list)  # pre-started servers; empty = launch
+    router_url: Optional[str] = None  # a pre-started sglang-router (e.g. on a Slurm rollout node)
+    use_router: bool = True
+    concurrency: int = 32  # most /generate requests in flight from the trainer's client
+    # weight-sync parity probe: largest |trainer - engine| log-prob allowed after an update
+    # (fp32 on CPU agrees to ~1e-6; bf16 GPU engines need a looser bound)
+    parity_atol: float = 1e-5
+
+
+@dataclass
+class SteerConfig:
+    form: str = "release"  # release | paper | exact (../shared/DESIGN.md section 1)
+    mapping: str = "exp"  # exp | linear
+    w_min: float = 0.8
+    w_max: float = 1.0
+    omega_floor: float = 0.02  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
+    group: str = "micro_batch"  # micro_batch | dp: over which tokens max|Omega| is taken
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "grpo"
+    norm_by_std: bool = True
+    eps: float = 1e-6
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = False
+    max_rounds: int = 10  # rollout rounds per step before giving up refilling the batch
+
+
+@dataclass
+class AlgorithmConfig:
+    policy_loss: str = "steer"  # steer | grpo (more registered by steer_megatron.loss)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip_c: float = 10.0
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
+    entropy_coeff: float = 0.0
+    kl_coef: float = 0.0
+    tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine's log-probs
+    steer: SteerConfig = field(default_factory=SteerConfig)
+    adv: AdvantageConfig = field(default_factory=AdvantageConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0  # hard limit per sandboxed reward call
+    num_workers: int = 4
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = MISSING
+    rollout_batch_size: int = 512  # prompts per step
+    mini_batch_size: int = 32  # prompts per optimizer step
+    micro_batch_size: int = 1  # sequences per forward/backward on one data-parallel rank
+    ppo_epochs: int = 1
+    save_every: int = 50  # 0 = only at the end
+    keep_last: int = 2
+    output_dir: str = "runs"
+    run_name: str = "run"
+    seed: int = 1
+    resume: str = "auto"  # auto (latest complete checkpoint if any) | none | a checkpoint path
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)  # benchmark parquets
+    every: int = 0  # steps; 0 = off
+    n: int = 1  # samples per prompt (copies already in a parquet add up with these)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = II("data.max_response_len")
+    max_prompts: Optional[int] = None  # per benchmark, a seeded subsample (for quick checks)
+    at_start: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    console: bool = True
+
+
+@dataclass
+class DemoConfig:
+    """The embedded CPU demo: a tiny Qwen2 + synthetic arithmetic data, built locally
+    (steer_megatron.demo_assets), which fill model.hf_path, data.train_files and eval.files."""
+
+    enabled: bool = False
+    seed: int = 0
+    max_operand: int = 19  # problems a + b and a - b (a >= b) with operands in [0, max_operand]
+    n_train: int = 500
+    n_test: int = 100
+    hidden_size: int = 64
+    num_layers: int = 2
+    warmup_steps: int = 400  # supervised warm-up: sampled test accuracy 0 -> 0.44 (0.25 at 300 steps)
+    warmup_lr: float = 3e-3
+    warmup_batch_size: int = 64
+    cache_dir: str = ".cache/demo_assets"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """The file merged over its `base:` files (resolved relative to it), without the key."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path in seen:
+        raise ConfigError(f"config `base:` cycle: {' -> '.join(map(str, seen + (path,)))}")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    bases = node.pop("base", None)
+    if bases is None:
+        return node
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create()
+    for b in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / b, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def _merge_checked(schema: DictConfig, other: DictConfig, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{what}: bad key `{key}`: {first}. Valid keys are the fields of "
+                          f"steer_megatron.config.RunConfig") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Merge the YAML at `path` (default: configs/cpu_demo.yaml) and `key=value` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    cfg = OmegaConf.structured(RunConfig)
+    cfg = _merge_checked(cfg, _read_yaml(path), f"config {path}")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value (e.g. trainer.total_steps=10)")
+        cfg = _merge_checked(cfg, OmegaConf.from_dotlist([ov]), f"override {ov!r}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config {path} leaves required keys unset: {missing}; set them in the YAML or as overrides")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config {path}: {str(exc).splitlines()[0]} (key {getattr(exc, 'full_key', '?')})") from None
+    validate_config(obj, check_paths=False)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.on_malformed": ("error", "skip"),
+    "rollout.engine": ("cpu", "sglang"),
+    "algorithm.steer.form": ("release", "paper", "exact"),
+    "algorithm.steer.mapping": ("exp", "linear"),
+    "algorithm.steer.group": ("micro_batch", "dp"),
+    "algorithm.adv.estimator": ("grpo",),
+    "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+    "optim.schedule": ("constant", "cosine"),
+}
+_POSITIVE = (
+    "parallel.tp", "parallel.pp", "parallel.cp", "data.max_prompt_len", "data.max_response_len",
+    "rollout.n", "rollout.max_new_tokens", "rollout.num_servers", "rollout.concurrency", "rollout.parity_atol",
+    "trainer.total_steps", "trainer.rollout_batch_size", "trainer.mini_batch_size", "trainer.micro_batch_size",
+    "trainer.ppo_epochs", "eval.n", "eval.max_new_tokens", "reward.num_workers", "optim.lr", "reward.timeout_s",
+    "algorithm.dynamic_sampling.max_rounds", "demo.n_train", "demo.n_test", "demo.hidden_size", "demo.num_layers",
+    "demo.warmup_batch_size",
+)
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate_config(
+    cfg: RunConfig,
+    *,
+    world_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+    check_paths: bool = True,
+) -> int | None:
+    """Raise ConfigError naming the first key that cannot work. Returns the data-parallel size
+    when `world_size` is given. Head counts (from the model's config.json) check the TP split."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be one of {list(choices)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+    alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
+    if not 0 < alg.clip_low < 1 or alg.clip_high <= 0:
+        raise ConfigError(f"algorithm.clip_low={alg.clip_low} must be in (0, 1) and clip_high={alg.clip_high} > 0")
+    if alg.dual_clip_c <= 1:
+        raise ConfigError(f"algorithm.dual_clip_c={alg.dual_clip_c} must be > 1 (the dual-clip bound is c * |A|)")
+    if not 0 < alg.steer.w_min <= alg.steer.w_max:
+        raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min} must be in (0, w_max={alg.steer.w_max}]")
+    if alg.steer.mapping == "exp" and alg.steer.w_min >= 1:
+        raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min}: the exp mapping needs w_min < 1")
+    if alg.tis_cap is not None and alg.tis_cap <= 0:
+        raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 or null")
+    if ro.n < 2 and alg.adv.estimator == "grpo":
+        raise ConfigError(f"rollout.n={ro.n}: GRPO needs at least 2 samples per prompt to form a group")
+    if tr.rollout_batch_size % tr.mini_batch_size:
+        raise ConfigError(
+            f"trainer.rollout_batch_size={tr.rollout_batch_size} is not divisible by "
+            f"trainer.mini_batch_size={tr.mini_batch_size}: each step must split into whole mini-batches"
+        )
+    if ro.max_new_tokens > cfg.data.max_response_len:
+        raise ConfigError(
+            f"rollout.max_new_tokens={ro.max_new_tokens} exceeds data.max_response_len={cfg.data.max_response_len}"
+        )
+    if ro.engine == "sglang" and ro.server_urls and len(ro.server_urls) != ro.num_servers:
+        raise ConfigError(f"rollout.server_urls lists {len(ro.server_urls)} servers but rollout.num_servers={ro.num_servers}")
+    tp = cfg.parallel.tp
+    if num_attention_heads is not None and num_attention_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the model's {num_attention_heads} attention heads")
+    if num_query_groups is not None and num_query_groups % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the model's {num_query_groups} query groups (KV heads)")
+    if cfg.parallel.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    dp = None
+    if world_size is not None:
+        model_ranks = tp * cfg.parallel.pp * cfg.parallel.cp
+        if world_size % model_ranks:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp*pp*cp = {model_ranks}; "
+                f"launch a multiple of {model_ranks} ranks or change parallel.tp/pp/cp"
+            )
+        dp = world_size // model_ranks
+        seqs = tr.mini_batch_size * ro.n
+        if seqs % (dp * tr.micro_batch_size):
+            raise ConfigError(
+                f"a mini-batch of trainer.mini_batch_size * rollout.n = {seqs} sequences does not split into "
+                f"{dp} data-parallel ranks x whole micro-batches of trainer.micro_batch_size={tr.micro_batch_size}"
+            )
+    if check_paths:
+        _check_paths(cfg)
+    return dp
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    if not cfg.demo.enabled:
+        if cfg.model.hf_path is None:
+            raise ConfigError("model.hf_path is null: set it to a HF model directory (or enable demo.enabled)")
+        if not cfg.data.train_files:
+            raise ConfigError("data.train_files is empty: list one or more verl-layout parquet files")
+    for key, paths in (
+        ("model.hf_path", [cfg.model.hf_path]),
+        ("model.tokenizer_path", [cfg.model.tokenizer_path]),
+        ("data.train_files", cfg.data.train_files),
+        ("eval.files", cfg.eval.files),
+    ):
+        for p in paths:
+            if p is not None and not Path(p).exists():
+                raise ConfigError(f"{key}: {p} does not exist")
+    if cfg.trainer.resume not in ("auto", "none") and not Path(cfg.trainer.resume).exists():
+        raise ConfigError(f"trainer.resume={cfg.trainer.resume}: no such checkpoint (use auto, none or a path)")
+
+
+# --------------------------------------------------------------------------------------------
+# Serialising
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what is printed at start and saved with checkpoints)."""
+    return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
+
+
+def config_from_yaml(text: str) -> RunConfig:
+    """Inverse of config_to_yaml (for reading a checkpoint's saved config)."""
+    cfg = _merge_checked(OmegaConf.structured(RunConfig), OmegaConf.create(text), "saved config")
+    return OmegaConf.to_object(cfg)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the resolved config in canonical JSON; equal configs hash equal."""
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_config(cfg: RunConfig, directory: str | Path) -> Path:
+    """Write config.yaml and config.sha256 into `directory` (a checkpoint or run dir)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(config_to_yaml(cfg))
+    (d / "config.sha256").write_text(config_hash(cfg) + "\n")
+    return d / "config.yaml"

@@ -1,0 +1,96 @@
+"""Reward functions by name, and which one each data source (or reward style) uses.
+
+A reward function is `fn(completion: str, ground_truth: str) -> float`. `sandboxed=True`
+marks functions that may run unboundedly long (sympy) so the scorer isolates them in a
+worker process with a hard time limit; inline ones must be bounded-time by construction.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+RewardFn = Callable[[str, str], float]
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    name: str
+    fn: RewardFn
+    sandboxed: bool
+
+
+_REWARDS: dict[str, RewardSpec] = {}
+# (glob pattern on data_source, reward name), first match wins; user registrations go first.
+_SOURCES: list[tuple[str, str]] = []
+_STYLES: list[tuple[str, str]] = []
+
+
+def register_reward(name: str, *, sandboxed: bool = True) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register `fn(completion, ground_truth) -> float` under `name`.
+
+    A sandboxed function runs in worker processes that import its module by name, so it
+    must be a module-level function registered when that module is imported."""
+
+    def deco(fn: RewardFn) -> RewardFn:
+        if name in _REWARDS and _REWARDS[name].fn is not fn:
+            raise ValueError(f"reward {name!r} is already registered by {_REWARDS[name].fn.__module__}")
+        _REWARDS[name] = RewardSpec(name, fn, sandboxed)
+        return fn
+
+    return deco
+
+
+def register_data_source(pattern: str, reward_name: str) -> None:
+    """Route data sources matching the glob `pattern` (e.g. "aime*") to reward `reward_name`."""
+    _SOURCES.insert(0, (pattern, reward_name))
+
+
+def register_style(pattern: str, reward_name: str) -> None:
+    """Fallback route by reward_model.style (e.g. "rule*") for data sources with no route."""
+    _STYLES.insert(0, (pattern, reward_name))
+
+
+def reward_by_name(name: str) -> RewardSpec:
+    _ensure_builtins()
+    try:
+        return _REWARDS[name]
+    except KeyError:
+        raise KeyError(f"no reward function named {name!r}; registered: {sorted(_REWARDS)}") from None
+
+
+def get_reward_fn(data_source: str, style: str | None = None) -> RewardSpec:
+    """The reward for a row: by data_source glob first, then by reward_model.style."""
+    _ensure_builtins()
+    for pattern, name in _SOURCES:
+        if fnmatch.fnmatchcase(data_source, pattern):
+            return reward_by_name(name)
+    if style is not None:
+        for pattern, name in _STYLES:
+            if fnmatch.fnmatchcase(style, pattern):
+                return reward_by_name(name)
+    raise KeyError(
+        f"no reward for data_source={data_source!r} style={style!r}; known sources "
+        f"{[p for p, _ in _SOURCES]}, styles {[p for p, _ in _STYLES]}. Register one with "
+        f"steer_megatron.rewards.register_data_source(pattern, reward_name)"
+    )
+
+
+_builtins_loaded = False
+
+
+def _ensure_builtins() -> None:
+    # Deferred so that registry <-> math imports do not cycle.
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    import steer_megatron.rewards.math_rules  # noqa: F401  (registers "math" and "integer")
+
+    for pattern in (
+        "math_dapo", "aime*", "amc*", "math500", "math", "minerva_math", "olympiadbench*",
+        "gsm8k*", "omni*", "lighteval/MATH*",
+    ):
+        _SOURCES.append((pattern, "math"))
+    _SOURCES.append(("synthetic_arith*", "integer"))
+    _STYLES.append(("rule*", "math"))
