@@ -82,6 +82,10 @@ def test_assets_are_a_real_hf_model_dir_and_verl_parquets(small_demo):
     assert {p.name for p in assets.model_dir.iterdir()} >= {
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     tok = AutoTokenizer.from_pretrained(assets.model_dir)
+    built = build_char_tokenizer()
+    for text in ("What is 19 - 7?\nAnswer: 12", "a  b"):  # the reloaded tokenizer keeps spaces and newlines
+        assert tok(text, add_special_tokens=False)["input_ids"] == built(text, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tok, "What is 1 + 2?") == prompt_ids(built, "What is 1 + 2?")
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir)
     assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tok)
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)

@@ -31,7 +31,7 @@ from steer_megatron.demo_assets.tokenizer import build_char_tokenizer
 log = logging.getLogger(__name__)
 
 # Bump when the build recipe changes in a way the parameters do not capture.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: byte-level tokenizer (loads the same through AutoTokenizer)
 _KEY_FIELDS = ("seed", "max_operand", "n_train", "n_test", "hidden_size", "num_layers",
                "warmup_steps", "warmup_lr", "warmup_batch_size")
 

@@ -82,7 +82,7 @@ class MegatronActor:
                            tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=self.cfg.chunk_tokens,
                            p2_stats=p2_stats)
 
-    def _run(self, batch: ActorBatch, loss_func, forward_only: bool):
+    def run_schedule(self, batch: ActorBatch, loss_func, forward_only: bool):
         """megatron's forward/backward schedule over micro-batches of `batch`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -109,7 +109,7 @@ class MegatronActor:
             st = self._stats(logits, mb, p2_stats)
             return logits.new_zeros(()), {"logprob": st.logprob, "entropy": st.entropy}
 
-        out = self._run(batch, loss_func, forward_only=True)
+        out = self.run_schedule(batch, loss_func, forward_only=True)
         self.model.train()
         if not _is_last_stage():
             return None, None
@@ -161,7 +161,7 @@ class MegatronActor:
 
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                out = self._run(mini, loss_func, forward_only=False)
+                out = self.run_schedule(mini, loss_func, forward_only=False)
                 ok, grad_norm, _ = self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step(increment=1)

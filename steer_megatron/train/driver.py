@@ -1,0 +1,202 @@
+"""Rank 0's side of a step: prompts, rollouts, rewards, advantages, evaluation and logging."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from steer_megatron.algorithms.advantages import fill_with_informative_groups, grpo_advantages
+from steer_megatron.config import RunConfig, config_to_yaml
+from steer_megatron.data.rl_dataset import load_rl_parquets
+from steer_megatron.data.sampler import ResumableSampler
+from steer_megatron.eval.metrics import EvalSample, benchmark_metrics, flatten_metrics
+from steer_megatron.parallel import free_port
+from steer_megatron.rewards.scorer import RewardScorer
+from steer_megatron.rollout import Fleet, FleetConfig, RolloutClient, RolloutConfig, RouterConfig, SamplingConfig
+from steer_megatron.rollout.weight_sync import DiskWeightSync
+from steer_megatron.tracking import names
+from steer_megatron.tracking.console import make_progress, print_step_summary
+from steer_megatron.tracking.metrics_logger import MetricsLogger
+from steer_megatron.train.actor import ActorBatch
+from steer_megatron.train.batch import samples_to_batch
+from steer_megatron.train.run_dir import RunDir
+
+_PROBE_PROMPTS = 2
+
+
+class Driver:
+    @staticmethod
+    def prepare_demo(cfg: RunConfig) -> RunConfig:
+        """Build (or reuse from cache) the CPU demo's model and data; point the config at them."""
+        from steer_megatron.demo_assets.assets import apply_demo_assets
+
+        apply_demo_assets(cfg)
+        return cfg
+
+    def __init__(self, cfg: RunConfig, run: RunDir, sampler_state: dict | None, *, resume_step: int | None, dp: int):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.run, self.dp = cfg, run, dp
+        self.console = Console()
+        self.console.rule(f"[bold]steer-megatron[/] run {run.path}")
+        self.console.print(config_to_yaml(cfg), highlight=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.hf_path)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.stop_ids = tuple(sorted({i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}))
+        d = cfg.data
+        examples, report = load_rl_parquets(d.train_files, tok, max_prompt_len=d.max_prompt_len,
+                                            prompt_key=d.prompt_key, on_malformed=d.on_malformed)
+        self.console.print(f"train data: {report.summary()}")
+        self.sampler = ResumableSampler(examples, seed=d.seed, shuffle=d.shuffle)
+        if sampler_state:
+            self.sampler.load_state_dict(sampler_state)
+        self.probe_prompts = [e.prompt_ids for e in examples[:_PROBE_PROMPTS]]
+        self.eval_sets = self._load_eval_sets()
+        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+        self.fleet = Fleet(self._fleet_config()).start()
+        self.client = RolloutClient(self.fleet.endpoints, RolloutConfig(run_id=self._run_id(), concurrency=cfg.rollout.concurrency))
+        self.weight_sync = DiskWeightSync(self.fleet, export_root=run.path / "rollout_weights", source_dir=cfg.model.hf_path)
+        lg = cfg.logging
+        self.logger = MetricsLogger(run.path, jsonl=lg.jsonl, tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
+                                    wandb_entity=lg.wandb_entity, run_name=cfg.trainer.run_name, resume_step=resume_step)
+        self.progress = make_progress(self.console)
+        self.progress.start()
+        self.task = self.progress.add_task("training", total=cfg.trainer.total_steps, completed=resume_step or 0)
+        self._rollout_metrics: dict[str, float] = {}
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _run_id(self) -> str:
+        # Servers seed sampling from the request id: tie it to the seed, not the run name, so runs
+        # that differ only in their loss (GRPO vs STEER) or a resumed run draw the same samples.
+        return f"seed{self.cfg.trainer.seed}"
+
+    def _fleet_config(self) -> FleetConfig:
+        r = self.cfg.rollout
+        engine = "cpu" if r.engine == "cpu" else "sglang"
+        common = dict(model_path=self.cfg.model.hf_path, engine=engine, log_dir=str(self.run.logs), tp_size=r.tp_size,
+                      use_router=r.use_router or bool(r.router_url))
+        if r.server_urls:  # started outside the trainer (Slurm rollout nodes)
+            router = RouterConfig()
+            if r.router_url:
+                host, port = r.router_url.rsplit("//", 1)[-1].rsplit(":", 1)
+                router = RouterConfig(host=host, port=int(port))
+            return FleetConfig(num_workers=len(r.server_urls), worker_urls=tuple(r.server_urls), router=router,
+                               **common)
+        return FleetConfig(num_workers=r.num_servers, base_port=free_port(), port_stride=1,
+                           router=RouterConfig(port=free_port(), policy="round_robin"), **common)
+
+    def _load_eval_sets(self) -> dict[str, list]:
+        e, out = self.cfg.eval, {}
+        for f in e.files:
+            examples, report = load_rl_parquets([f], self.tokenizer, max_prompt_len=self.cfg.data.max_prompt_len,
+                                                prompt_key=self.cfg.data.prompt_key, on_malformed="skip")
+            if e.max_prompts and len(examples) > e.max_prompts:
+                examples = random.Random(f"eval/{f}").sample(examples, e.max_prompts)
+            out[Path(f).stem] = examples
+            self.console.print(f"eval {Path(f).stem}: {len(examples)} prompts ({report.summary()})")
+        return out
+
+    # -- a step -----------------------------------------------------------------------------------
+    def _sampling(self, n: int, temperature: float, top_p: float, max_new_tokens: int) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=self.cfg.rollout.top_k, n=n, stop_token_ids=self.stop_ids)
+
+    def _generate_and_score(self, examples, sampling: SamplingConfig, step_tag: str):
+        result = self.client.generate_sync([e.prompt_ids for e in examples], sampling, step=step_tag)
+        flat = result.flat()
+        texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in flat]
+        owners = [examples[s.prompt_index] for s in flat]
+        scores = self.scorer.score([e.data_source for e in owners], texts, [e.ground_truth for e in owners],
+                                   [e.reward_style for e in owners])
+        return result, torch.tensor(scores.scores, dtype=torch.float32).view(len(examples), sampling.n), scores
+
+    def rollout_batch(self, step: int) -> ActorBatch:
+        r, tr = self.cfg.rollout, self.cfg.trainer
+        sampling = self._sampling(r.n, r.temperature, r.top_p, r.max_new_tokens)
+        t0 = time.perf_counter()
+        rounds = iter(range(10**6))
+        stats = {"timeouts": 0, "errors": 0}
+
+        def generate(k: int):
+            examples = self.sampler.next_batch(k)
+            result, rewards, scores = self._generate_and_score(examples, sampling, f"{step}r{next(rounds)}")
+            stats["timeouts"] += scores.n_timeouts
+            stats["errors"] += scores.n_errors
+            groups = [(e, result.samples[i], rewards[i]) for i, e in enumerate(examples)]
+            return groups, rewards
+
+        ds = self.cfg.algorithm.dynamic_sampling
+        if ds.enabled:
+            found = fill_with_informative_groups(generate, tr.rollout_batch_size, max_rounds=ds.max_rounds)
+            groups = found.groups
+            self._rollout_metrics = {"rollout/dynamic_rounds": found.rounds, "rollout/dynamic_dropped": found.dropped}
+            if found.gave_up:
+                self.console.print(f"[yellow]{found.message}[/]")
+            # every DP rank needs whole micro-batches: drop the groups that do not fit
+            unit = self.dp * tr.micro_batch_size
+            keep = (len(groups) * r.n // unit) * unit // r.n
+            if keep == 0:
+                raise RuntimeError(f"dynamic sampling found {len(groups)} informative groups in {found.rounds} rounds, "
+                                   f"too few for {self.dp} DP ranks x micro-batch {tr.micro_batch_size}: {found.message}")
+            groups = groups[:keep]
+        else:
+            groups, _ = generate(tr.rollout_batch_size)
+            self._rollout_metrics = {}
+        rewards = torch.stack([g[2] for g in groups])
+        adv = grpo_advantages(rewards, norm_by_std=self.cfg.algorithm.adv.norm_by_std, eps=self.cfg.algorithm.adv.eps)
+        prompts, samples = [], []
+        for e, group_samples, _ in groups:
+            for s in group_samples:
+                prompts.append(e.prompt_ids)
+                samples.append(s)
+        batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id)
+        seconds = time.perf_counter() - t0
+        lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
+        self._rollout_metrics.update({
+            names.REWARD: float(rewards.mean()), names.ACCURACY: float((rewards > 0.5).float().mean()),
+            names.RESPONSE_LENGTH: float(lengths.mean()), "rollout/response_length_max": float(lengths.max()),
+            "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
+            "rollout/groups_all_equal_frac": float((rewards == rewards[:, :1]).all(1).float().mean()),
+            "reward/timeouts": stats["timeouts"], "reward/errors": stats["errors"],
+            "rollout/weight_version": float(samples[0].weight_version or 0),
+        })
+        return batch
+
+    def finish_step(self, step: int, rank_metrics: list[dict], timing: dict, report, *, lr: float) -> None:
+        keys = set().union(*rank_metrics) if rank_metrics else set()
+        actor = {f"actor/{k}": sum(m.get(k, 0.0) for m in rank_metrics) / len(rank_metrics) for k in keys}
+        actor[names.ENTROPY] = actor.pop("actor/entropy_mean", float("nan"))
+        metrics = {**self._rollout_metrics, **actor, **timing, "actor/lr": lr}
+        if report is not None:
+            metrics["sync/seconds"] = report.seconds
+            if report.parity is not None:
+                metrics["sync/parity_max_abs_diff"] = report.parity.max_abs_diff
+        self.log(step, metrics)
+        print_step_summary(step, metrics, self.console)
+        self.progress.update(self.task, completed=step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        e = self.cfg.eval
+        sampling = self._sampling(e.n, e.temperature, e.top_p, e.max_new_tokens)
+        samples: list[EvalSample] = []
+        for bench, examples in self.eval_sets.items():
+            result, rewards, _ = self._generate_and_score(examples, sampling, f"eval{step}-{bench}")
+            for i, ex in enumerate(examples):
+                samples.extend(EvalSample(bench, ex.index, bool(r > 0.5)) for r in rewards[i].tolist())
+        return flatten_metrics(benchmark_metrics(samples, ks=(1, e.n)))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.logger.log(step, metrics)
+
+    def close(self) -> None:
+        self.progress.stop()
+        for closer in (self.fleet.stop, self.scorer.close, self.logger.close):
+            try:
+                closer()
+            except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing the rest
+                self.console.print(f"[red]shutdown: {exc!r}[/]")

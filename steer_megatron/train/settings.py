@@ -1,0 +1,28 @@
+"""The run config -> the settings objects of the loss, the optimizer and the model dtype."""
+from __future__ import annotations
+
+from steer_megatron.config import RunConfig
+from steer_megatron.loss import PolicyLossConfig, SteerConfig
+from steer_megatron.models.hf_export import DTYPES
+from steer_megatron.train.optim import OptimSettings
+
+__all__ = ["DTYPES", "optim_settings", "policy_loss_config"]
+
+
+def policy_loss_config(cfg: RunConfig) -> PolicyLossConfig:
+    a = cfg.algorithm
+    return PolicyLossConfig(
+        clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c, loss_agg_mode=a.loss_agg_mode,
+        kl_coef=a.kl_coef, tis_cap=a.tis_cap, seed=cfg.trainer.seed,
+        steer=SteerConfig(form=a.steer.form, mapping=a.steer.mapping, w_min=a.steer.w_min, w_max=a.steer.w_max,
+                          group=a.steer.group, omega_floor=a.steer.omega_floor),
+        **({"entropy_reg_coeff": a.entropy_coeff} if a.entropy_coeff else {}),
+    )
+
+
+def optim_settings(cfg: RunConfig) -> OptimSettings:
+    o = cfg.optim
+    updates = cfg.trainer.total_steps * cfg.trainer.ppo_epochs * (cfg.trainer.rollout_batch_size // cfg.trainer.mini_batch_size)
+    return OptimSettings(lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+                         adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip, warmup_steps=o.warmup_steps,
+                         decay_steps=updates, decay_style=o.schedule, bf16=cfg.model.dtype == "bfloat16")
