@@ -3,13 +3,13 @@ weight sync (disk and the NCCL code path over gloo) with parity probes, and fail
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 
 import pytest
 import torch
 
+from steer_megatron.parallel import free_port_block
 from steer_megatron.rollout import Fleet, FleetConfig, RolloutClient, RolloutConfig, RouterConfig, SamplingConfig
 from steer_megatron.rollout import http
 from steer_megatron.rollout.contract import validate_generate_response
@@ -21,25 +21,6 @@ PROMPTS = [[5 + i, 30 + 2 * i, 7] for i in range(6)]
 PROBE = tuple(tuple(p) for p in PROMPTS[:3])
 
 
-def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports (bounded tries)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        try:
-            socks = [socket.socket() for _ in range(n)]
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +30,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
-    base = free_port_block(3)
+    base = free_port_block(4)
     cfg = FleetConfig(model_path=str(model_dir), num_workers=2, engine="cpu", base_port=base, port_stride=1,
-                      router=RouterConfig(port=base + 2, policy="round_robin"), cpu_threads=1, cpu_max_batch_size=8,
+                      router=RouterConfig(port=base + 2, prometheus_port=base + 3, policy="round_robin"), cpu_threads=1, cpu_max_batch_size=8,
                       log_dir=str(tmp_path_factory.mktemp("fleet_logs")), startup_timeout_s=120, health_timeout_s=2)
     f = Fleet(cfg)
     try:

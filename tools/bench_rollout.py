@@ -72,7 +72,7 @@ def main() -> None:
     base = free_port()
     cfg = FleetConfig(model_path=model, num_workers=args.workers, engine=args.engine, tp_size=args.tp,
                       base_port=base, port_stride=10 if args.engine == "sglang" else 1,
-                      router=RouterConfig(port=free_port(), policy="round_robin"), cpu_threads=args.cpu_threads,
+                      router=RouterConfig(port=free_port(), prometheus_port=free_port(), policy="round_robin"), cpu_threads=args.cpu_threads,
                       cpu_max_batch_size=args.cpu_max_batch_size, log_dir=str(Path(tmp.name) / "logs"))
     results = []
     with Fleet(cfg) as fleet:

@@ -19,6 +19,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int, tries: int = 50) -> int:
+    """A base port with n consecutive free ports on 127.0.0.1 (workers, router, metrics)."""
+    for _ in range(tries):
+        base = free_port()
+        if base + n >= 65000:
+            continue
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} consecutive free ports found in {tries} tries")
+
+
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

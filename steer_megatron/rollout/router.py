@@ -24,13 +24,23 @@ class RouterConfig:
     request_timeout_s: int = 1800
     max_retries: int = 3  # the router's own retry of connection errors / 5xx on another worker
     log_level: str = "warn"
+    # The router always serves Prometheus metrics, by default on 29000 whatever its own port:
+    # two routers on one host (two runs, or tests) collide there. None: port + 1.
+    prometheus_port: int | None = None
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"router.policy must be one of {POLICIES}, got {self.policy!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"router.port must be a TCP port, got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ValueError(f"router.{name} must be a TCP port, got {getattr(self, name)}")
+        if self.port == self.metrics_port:
+            raise ValueError(f"router.port and router.prometheus_port are both {self.port}: give them different ports")
+
+    @property
+    def metrics_port(self) -> int:
+        return self.prometheus_port if self.prometheus_port is not None else self.port + 1
 
     @property
     def url(self) -> str:
@@ -44,7 +54,8 @@ def router_command(cfg: RouterConfig) -> list[str]:
         sys.executable, "-m", "sglang_router.launch_router",
         "--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy,
         "--disable-health-check", "--request-timeout-secs", str(cfg.request_timeout_s),
-        "--retry-max-retries", str(cfg.max_retries), "--log-level", cfg.log_level, *cfg.extra_args,
+        "--retry-max-retries", str(cfg.max_retries), "--log-level", cfg.log_level,
+        "--prometheus-port", str(cfg.metrics_port), *cfg.extra_args,
     ]
 
 

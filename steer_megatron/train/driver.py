@@ -13,7 +13,7 @@ from steer_megatron.config import RunConfig, config_to_yaml
 from steer_megatron.data.rl_dataset import load_rl_parquets
 from steer_megatron.data.sampler import ResumableSampler
 from steer_megatron.eval.metrics import EvalSample, benchmark_metrics, flatten_metrics
-from steer_megatron.parallel import free_port
+from steer_megatron.parallel import free_port_block
 from steer_megatron.rewards.scorer import RewardScorer
 from steer_megatron.rollout import Fleet, FleetConfig, RolloutClient, RolloutConfig, RouterConfig, SamplingConfig
 from steer_megatron.rollout.weight_sync import DiskWeightSync
@@ -86,8 +86,9 @@ class Driver:
                 router = RouterConfig(host=host, port=int(port))
             return FleetConfig(num_workers=len(r.server_urls), worker_urls=tuple(r.server_urls), router=router,
                                **common)
-        return FleetConfig(num_workers=r.num_servers, base_port=free_port(), port_stride=1,
-                           router=RouterConfig(port=free_port(), policy="round_robin"), **common)
+        base = free_port_block(r.num_servers + 2)  # workers, then the router and its metrics port
+        router = RouterConfig(port=base + r.num_servers, prometheus_port=base + r.num_servers + 1, policy="round_robin")
+        return FleetConfig(num_workers=r.num_servers, base_port=base, port_stride=1, router=router, **common)
 
     def _load_eval_sets(self) -> dict[str, list]:
         e, out = self.cfg.eval, {}
