@@ -56,6 +56,9 @@ class FleetConfig:
     # Workers started elsewhere (e.g. by srun on the rollout nodes): waited for, put behind
     # the router and monitored, but never launched or restarted here (a dead one is dropped).
     worker_urls: tuple[str, ...] = ()
+    # A router started elsewhere (e.g. on a Slurm rollout node): workers are registered with it
+    # and it is waited for, but never launched or stopped here.
+    external_router: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -213,17 +216,20 @@ class Fleet:
         return self
 
     def _start_router(self) -> None:
-        log = self._log("router")
-        self.router_proc = subprocess.Popen(router_command(self.cfg.router), stdout=log or subprocess.DEVNULL,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        if not self.cfg.external_router:
+            log = self._log("router")
+            self.router_proc = subprocess.Popen(router_command(self.cfg.router), stdout=log or subprocess.DEVNULL,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:  # the router answers /workers as soon as it listens
             try:
                 self.router.workers()
                 break
             except http.HttpError:
-                if self.router_proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sglang-router did not come up on {self.cfg.router.url} (exit code {self.router_proc.poll()})")
+                exited = self.router_proc is not None and self.router_proc.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    code = f" (exit code {self.router_proc.poll()})" if self.router_proc is not None else ""
+                    raise RuntimeError(f"sglang-router did not come up on {self.cfg.router.url}{code}")
                 time.sleep(0.2)
         for url in self.live_urls:
             self.router.add_worker(url)

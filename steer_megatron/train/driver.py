@@ -85,7 +85,7 @@ class Driver:
                 host, port = r.router_url.rsplit("//", 1)[-1].rsplit(":", 1)
                 router = RouterConfig(host=host, port=int(port))
             return FleetConfig(num_workers=len(r.server_urls), worker_urls=tuple(r.server_urls), router=router,
-                               **common)
+                               external_router=bool(r.router_url), **common)
         base = free_port_block(r.num_servers + 2)  # workers, then the router and its metrics port
         router = RouterConfig(port=base + r.num_servers, prometheus_port=base + r.num_servers + 1, policy="round_robin")
         return FleetConfig(num_workers=r.num_servers, base_port=base, port_stride=1, router=router, **common)
