@@ -142,13 +142,10 @@ def _export_ckpt_to_hf(ckpt: str, cfg, out_dir: str) -> str:
 # -- the rollout batch --------------------------------------------------------------------------
 
 def load_tokenizer(hf_dir: str):
-    """The tokenizer exactly as serialised in tokenizer.json when there is one: transformers 5's
-    AutoTokenizer may swap in the model family's class (Qwen2Tokenizer for any qwen2 config),
-    which rebuilds the pre-tokenizer; the demo's character tokenizer then loses spaces/newlines."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """The model dir's tokenizer. (The demo's tokenizer is byte-level since demo recipe 2, so
+    AutoTokenizer gives the same ids as the serialised tokenizer.json.)"""
+    from transformers import AutoTokenizer
 
-    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(hf_dir)
     return AutoTokenizer.from_pretrained(hf_dir)
 
 
