@@ -35,7 +35,7 @@ def _eval_accuracy(rows: list[dict]) -> list[tuple[int, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # the summary table must not be truncated
     cfg = load_config(None, overrides)
     root = Path(cfg.trainer.output_dir)
     console.rule("[bold]steer-megatron CPU demo[/]: GRPO vs STEER on synthetic arithmetic")
