@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table("run", "eval accuracy first -> last", "train accuracy first -> last", "entropy first -> last",
                   "response length last", "HF export")
     for d in run_dirs:
-        rows = [r for r in read_metrics(d)]
+        rows = read_metrics(d)
         ev = _eval_accuracy(rows)
         train = [r for r in rows if ACCURACY in r]
         fmt = lambda a, b: f"{a:.3f} -> {b:.3f}"  # noqa: E731

@@ -2,18 +2,17 @@
 slurm/cluster_ci.sh): heterogeneous and homogeneous jobs run the trainer on one node and the
 CPU rollout server + router on the other; preemption requeues and resumes; bad launches fail
 in preflight with a clear message. The mechanics tests use tests/slurm_standin_trainer.py
-(the trainer's launch contract, seconds per job) and the real rollout fleet; the last test
-runs the real trainer on the CPU demo config."""
+(the trainer's launch contract, seconds per job, so many requeue cases stay cheap) and the real
+rollout fleet; the last tests
+run the real trainer on the CPU demo config with both scripts."""
 from __future__ import annotations
 
-import dataclasses
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from steer_megatron.config import RolloutConfig
 from steer_megatron.models.checkpoint import find_latest
 from tests import slurm_helpers as sh
 from tests.rollout_helpers import tiny_model_dir
@@ -127,9 +126,8 @@ REAL_SMALL = ["demo.n_train=64", "demo.n_test=16", "demo.warmup_steps=60", "trai
               "eval.every=0", "logging.tensorboard=false", "trainer.total_steps=3"]
 
 
-@pytest.mark.skipif("router_url" not in {f.name for f in dataclasses.fields(RolloutConfig)},
-                    reason="the trainer does not take rollout.router_url yet (steer_megatron.config.RolloutConfig)")
-def test_real_trainer_cpu_demo_across_two_nodes_survives_preemption(cluster, tmp_path):
+@pytest.mark.parametrize("script", ["slurm/steer_hetjob.sbatch", "slurm/steer_homogeneous.sbatch"])
+def test_real_trainer_cpu_demo_across_two_nodes_survives_preemption(cluster, tmp_path, script):
     """`python -m steer_megatron.train` on the CPU demo config: trainer on one node, rollout
     server + router on the other, preempted after its first step, requeued, resumed."""
     out, run_dir = tmp_path / "job.out", tmp_path / "runs" / "slurm_demo"
@@ -137,7 +135,7 @@ def test_real_trainer_cpu_demo_across_two_nodes_survives_preemption(cluster, tmp
             f"trainer.output_dir={tmp_path / 'runs'}", "trainer.run_name=slurm_demo"]
     env = sh.job_env()
     del env["STEER_TRAINER_ENTRY"]  # the real `python -m steer_megatron.train`
-    job = sh.sbatch("slurm/steer_homogeneous.sbatch", args, out, env)
+    job = sh.sbatch(script, args, out, env)
     _preempt_and_finish(job, run_dir, out, after_steps=1, timeout=600)
     log = out.read_text()
     assert (run_dir / "DONE").is_file() and [r["step"] for r in sh.metrics(run_dir)] == [1, 2, 3], log

@@ -1,6 +1,7 @@
 """Rank 0's side of a step: prompts, rollouts, rewards, advantages, evaluation and logging."""
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from pathlib import Path
@@ -119,7 +120,7 @@ class Driver:
         r, tr = self.cfg.rollout, self.cfg.trainer
         sampling = self._sampling(r.n, r.temperature, r.top_p, r.max_new_tokens)
         t0 = time.perf_counter()
-        rounds = iter(range(10**6))
+        rounds = itertools.count()  # dynamic sampling may need several rollout rounds per step
         stats = {"timeouts": 0, "errors": 0}
 
         def generate(k: int):
