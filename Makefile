@@ -15,12 +15,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The suite also exercises the optional extras that install on a CPU: the nemo-run launcher
+# (submits to the CI Slurm cluster) and the Triton kernels (run by Triton's CPU interpreter).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,launch,kernels]"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m steer_megatron.demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m steer_megatron.rollout.contract --fetch  # SGLang's /generate schema, cached in .cache/
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -111,6 +112,11 @@ class AlgorithmConfig:
     steer: SteerConfig = field(default_factory=SteerConfig)
     adv: AdvantageConfig = field(default_factory=AdvantageConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    # token-statistics kernels (steer_megatron.loss.kernels): auto = Triton on CUDA, PyTorch elsewhere
+    loss_kernel: str = "auto"  # auto | torch | triton
+    # statistics straight from hidden states x the output weight, logits never stored whole
+    # (loss.fused_linear_token_stats); not wired into the trainer yet, so true is refused
+    fused_lm_head: bool = False
 
 
 @dataclass
@@ -169,20 +175,48 @@ class LoggingConfig:
 
 @dataclass
 class DemoConfig:
-    """The embedded CPU demo: a tiny Qwen2 + synthetic arithmetic data, built locally
+    """The embedded CPU demo: a tiny Qwen2 + synthetic digit-sorting data, built locally
     (steer_megatron.demo_assets), which fill model.hf_path, data.train_files and eval.files."""
 
     enabled: bool = False
     seed: int = 0
-    max_operand: int = 19  # problems a + b and a - b (a >= b) with operands in [0, max_operand]
-    n_train: int = 500
+    num_digits: int = 4  # "Sort 3 1 4 2" -> "Answer: 1234", digits 1-9
+    n_train: int = 2000
     n_test: int = 100
     hidden_size: int = 64
     num_layers: int = 2
-    warmup_steps: int = 400  # supervised warm-up: sampled test accuracy 0 -> 0.44 (0.25 at 300 steps)
+    warmup_steps: int = 100  # supervised warm-up; accuracy after it: configs/cpu_demo.yaml
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 64
     cache_dir: str = ".cache/demo_assets"
+
+
+@dataclass
+class ClosedLoopConfig:
+    """Move STEER's w_min each step to hold the step's measured entropy change inside `band`
+    (steer_megatron.diagnostics.controller.WMinController). Needs algorithm.policy_loss=steer."""
+
+    enabled: bool = False
+    band: list[float] = field(default_factory=lambda: [-0.004, -0.001])  # [low, high], nats/token per step
+    gain: float = 0.5  # change of log w_min per band width of error outside the band
+    w_min_bounds: list[float] = field(default_factory=lambda: [0.05, 1.0])  # within (0, 1]
+    max_step: float = 0.5  # largest change of log w_min in one step
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Optional entropy-change diagnostics inside the trainer (docs/entropy_diagnostics.md)."""
+
+    # Every K steps: one update on a held batch, measured and undone (training is unchanged);
+    # logs Omega-vs-measured correlations as diag/*. 0 = off.
+    probe_every: int = 0
+    # The held batch: the first `probe_prompts` groups of the run's first rollout batch, saved
+    # in the run directory (so a resumed run probes the same batch). 0 = the whole batch.
+    probe_prompts: int = 0
+    # Log each step's mean entropy change on its own batch (diag/step_dH; one extra forward
+    # pass). Always on with closed_loop.enabled; on its own it gives the open-loop baseline.
+    step_change: bool = False
+    closed_loop: ClosedLoopConfig = field(default_factory=ClosedLoopConfig)
 
 
 @dataclass
@@ -198,6 +232,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +301,7 @@ _CHOICES = {
     "algorithm.steer.group": ("micro_batch", "dp"),
     "algorithm.adv.estimator": ("grpo",),
     "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+    "algorithm.loss_kernel": ("auto", "torch", "triton"),
     "optim.schedule": ("constant", "cosine"),
 }
 _POSITIVE = (
@@ -312,6 +348,11 @@ def validate_config(
         raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min}: the exp mapping needs w_min < 1")
     if alg.tis_cap is not None and alg.tis_cap <= 0:
         raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 or null")
+    if alg.fused_lm_head:
+        raise ConfigError(
+            "algorithm.fused_lm_head=true: the trainer does not hand hidden states to the loss yet "
+            "(steer_megatron.loss.fused_linear_token_stats exists, its model wiring does not); set it to false"
+        )
     if ro.n < 2 and alg.adv.estimator == "grpo":
         raise ConfigError(f"rollout.n={ro.n}: GRPO needs at least 2 samples per prompt to form a group")
     if tr.rollout_batch_size % tr.mini_batch_size:
@@ -347,9 +388,40 @@ def validate_config(
                 f"a mini-batch of trainer.mini_batch_size * rollout.n = {seqs} sequences does not split into "
                 f"{dp} data-parallel ranks x whole micro-batches of trainer.micro_batch_size={tr.micro_batch_size}"
             )
+    _check_diagnostics(cfg, dp)
     if check_paths:
         _check_paths(cfg)
     return dp
+
+
+def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
+    d, tr, n = cfg.diagnostics, cfg.trainer, cfg.rollout.n
+    if d.probe_every < 0:
+        raise ConfigError(f"diagnostics.probe_every={d.probe_every}: must be >= 0 (0 = no probe)")
+    if not 0 <= d.probe_prompts <= tr.rollout_batch_size:
+        raise ConfigError(f"diagnostics.probe_prompts={d.probe_prompts}: must be in [0, trainer.rollout_batch_size="
+                          f"{tr.rollout_batch_size}] (0 = the whole first rollout batch)")
+    if d.probe_every and d.probe_prompts and dp is not None and d.probe_prompts * n % (dp * tr.micro_batch_size):
+        raise ConfigError(f"diagnostics.probe_prompts={d.probe_prompts} x rollout.n={n} sequences do not split into {dp} "
+                          f"data-parallel ranks x whole micro-batches of trainer.micro_batch_size={tr.micro_batch_size}; "
+                          f"use a multiple of {dp * tr.micro_batch_size // math.gcd(dp * tr.micro_batch_size, n)} prompts")
+    c = d.closed_loop
+    if not c.enabled:
+        return
+    if cfg.algorithm.policy_loss != "steer":
+        raise ConfigError(f"diagnostics.closed_loop.enabled=true moves STEER's w_min: it needs algorithm.policy_loss=steer "
+                          f"(got {cfg.algorithm.policy_loss!r}); set closed_loop.enabled=false for other losses")
+    if len(c.band) != 2 or not c.band[0] < c.band[1]:
+        raise ConfigError(f"diagnostics.closed_loop.band={list(c.band)}: must be [low, high] with low < high "
+                          f"(per-step entropy change in nats/token, e.g. [-0.004, -0.001])")
+    if len(c.w_min_bounds) != 2 or not 0 < c.w_min_bounds[0] <= c.w_min_bounds[1] <= 1:
+        raise ConfigError(f"diagnostics.closed_loop.w_min_bounds={list(c.w_min_bounds)}: must be [low, high] with "
+                          f"0 < low <= high <= 1 (STEER's weights lie in [w_min, 1])")
+    if not c.w_min_bounds[0] <= cfg.algorithm.steer.w_min <= c.w_min_bounds[1]:
+        raise ConfigError(f"algorithm.steer.w_min={cfg.algorithm.steer.w_min} is the closed loop's starting point: it must "
+                          f"lie inside diagnostics.closed_loop.w_min_bounds={list(c.w_min_bounds)}")
+    if c.gain <= 0 or c.max_step <= 0:
+        raise ConfigError(f"diagnostics.closed_loop.gain={c.gain} and max_step={c.max_step}: both must be > 0")
 
 
 def _check_paths(cfg: RunConfig) -> None:

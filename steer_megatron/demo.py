@@ -1,6 +1,6 @@
 """`make demo`: the embedded CPU default, end to end.
 
-Builds (or reuses) the tiny Qwen2 model with its own tokenizer and the synthetic arithmetic
+Builds (or reuses) the tiny Qwen2 model with its own tokenizer and the synthetic digit-sorting
 task, warmed up so that accuracy starts between zero and the ceiling; then trains GRPO and
 STEER from the same seed through the real path (megatron-core trainer, CPU SGLang-protocol
 servers behind sglang-router, math rewards, weight sync with parity checks, checkpoints);
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 150))  # the summary table must not be truncated
     cfg = load_config(None, overrides)
     root = Path(cfg.trainer.output_dir)
-    console.rule("[bold]steer-megatron CPU demo[/]: GRPO vs STEER on synthetic arithmetic")
+    console.rule("[bold]steer-megatron CPU demo[/]: GRPO vs STEER on synthetic digit sorting")
     run_dirs = []
     for name, loss in RUNS:
         run_name = f"demo_{name}"
@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         run_dirs.append(root / run_name)
     png = root / "demo_comparison.png"
+    # held-out accuracy next to the training curves (train reward = train accuracy here: 0/1 rewards)
+    eval_keys = sorted({k for r in read_metrics(run_dirs[0]) for k in r if k.startswith("eval/") and "/mean@" in k})
+    metrics = [ENTROPY, ACCURACY, *eval_keys[:1], RESPONSE_LENGTH]
     subprocess.check_call([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "plot_run.py"),
-                           *map(str, run_dirs), "--out", str(png)])
+                           *map(str, run_dirs), "--out", str(png), *(a for m in metrics for a in ("--metric", m))])
     table = Table("run", "eval accuracy first -> last", "train accuracy first -> last", "entropy first -> last",
                   "response length last", "HF export")
     for d in run_dirs:

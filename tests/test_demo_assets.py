@@ -12,32 +12,32 @@ from steer_megatron.data import load_rl_parquets
 from steer_megatron.demo_assets import assets_key, build_demo_assets
 from steer_megatron.demo_assets import assets as assets_mod
 from steer_megatron.demo_assets.model import prompt_ids, sampled_accuracy
-from steer_megatron.demo_assets.task import make_splits, problem_space
+from steer_megatron.demo_assets.task import make_splits, space_size
 from steer_megatron.demo_assets.tokenizer import build_char_tokenizer
 from steer_megatron.rewards import RewardScorer
 
 
-def test_problem_space_and_splits():
-    m = 9
-    # a + b: (m+1)^2 pairs; a - b with a >= b: (m+1)(m+2)/2 pairs
-    assert len(problem_space(m)) == (m + 1) ** 2 + (m + 1) * (m + 2) // 2 == 155
-    train, test = make_splits(m, 100, 50, seed=0)
-    assert len(train) == 100 and len(test) == 50 and not set(train) & set(test)
-    assert make_splits(m, 100, 50, seed=0) == (train, test) and make_splits(m, 100, 50, seed=1) != (train, test)
+def test_splits_are_distinct_seeded_and_answers_are_sorted_digits():
+    train, test = make_splits(3, 500, 200, seed=0)
+    assert len(train) == 500 and len(test) == 200 and len(set(train + test)) == 700  # distinct, disjoint
+    assert make_splits(3, 500, 200, seed=0) == (train, test) and make_splits(3, 500, 200, seed=1) != (train, test)
     for p in train + test:  # answers checked by re-reading the question text
-        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p.question).groups()
-        assert p.answer == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
-    with pytest.raises(ValueError, match="exceeds the 155 distinct problems"):
-        make_splits(m, 150, 50, seed=0)
+        digits = re.fullmatch(r"Sort ([1-9]) ([1-9]) ([1-9])", p.question).groups()
+        assert p.answer == int("".join(sorted(digits))) and p.solution == f"Answer: {p.answer}"
+    assert space_size(3) == 729
+    with pytest.raises(ValueError, match="exceeds the 729 distinct problems"):
+        make_splits(3, 700, 30, seed=0)
+    with pytest.raises(ValueError, match="demo.num_digits=1"):
+        make_splits(1, 2, 2, seed=0)
 
 
 def test_tokenizer_round_trips_task_text():
     tok = build_char_tokenizer()
-    for text in ("What is 19 - 7?", "Answer: 12", "a\nb  c"):
+    for text in ("Sort 3 1 4 2", "Answer: 1234", "a\nb  c"):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(text) and tok.decode(ids) == text  # one token per character
-    ids = prompt_ids(tok, "What is 1 + 2?")
-    assert tok.decode(ids) == "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    ids = prompt_ids(tok, "Sort 2 1")
+    assert tok.decode(ids) == "<|im_start|>user\nSort 2 1<|im_end|>\n<|im_start|>assistant\n"
     assert tok.convert_ids_to_tokens(ids[0]) == "<|im_start|>"
 
 
@@ -52,8 +52,7 @@ class _Oracle(torch.nn.Module):
         rows = []
         for i, row in enumerate(input_ids):
             text = self.tok.decode(row[attention_mask[i].bool()])
-            a, op, b = re.search(r"(\d+) ([+-]) (\d+)", text).groups()
-            ans = int(a) + int(b) if op == "+" else int(a) - int(b)
+            ans = int("".join(sorted(re.search(r"Sort ([1-9 ]+)", text).group(1).split())))
             if self.wrong_every and i % self.wrong_every == 0:
                 ans += 1
             out = self.tok(f"Answer: {ans}", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
@@ -63,14 +62,14 @@ class _Oracle(torch.nn.Module):
 
 def test_sampled_accuracy_counts_right_answers():
     tok = build_char_tokenizer()
-    _, test = make_splits(19, 10, 40, seed=0)
+    _, test = make_splits(4, 10, 40, seed=0)
     assert sampled_accuracy(_Oracle(tok, 0), tok, test, batch_size=16) == 1.0
     assert sampled_accuracy(_Oracle(tok, 4), tok, test, batch_size=16) == 0.75  # every 4th in each batch wrong
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    demo = DemoConfig(enabled=True, max_operand=9, n_train=60, n_test=20, hidden_size=32, warmup_steps=5,
+    demo = DemoConfig(enabled=True, num_digits=3, n_train=60, n_test=20, hidden_size=32, warmup_steps=5,
                       warmup_batch_size=8, cache_dir=str(tmp_path_factory.mktemp("cache")))
     return demo, build_demo_assets(demo)
 
@@ -83,9 +82,9 @@ def test_assets_are_a_real_hf_model_dir_and_verl_parquets(small_demo):
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     tok = AutoTokenizer.from_pretrained(assets.model_dir)
     built = build_char_tokenizer()
-    for text in ("What is 19 - 7?\nAnswer: 12", "a  b"):  # the reloaded tokenizer keeps spaces and newlines
+    for text in ("Sort 9 7 1\nAnswer: 179", "a  b"):  # the reloaded tokenizer keeps spaces and newlines
         assert tok(text, add_special_tokens=False)["input_ids"] == built(text, add_special_tokens=False)["input_ids"]
-    assert prompt_ids(tok, "What is 1 + 2?") == prompt_ids(built, "What is 1 + 2?")
+    assert prompt_ids(tok, "Sort 2 1") == prompt_ids(built, "Sort 2 1")
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir)
     assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tok)
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)

@@ -102,7 +102,7 @@ def test_junk_scores_zero_without_error(scorer):
 
 
 def test_non_string_inputs_score_zero_and_are_counted(scorer):
-    res = scorer.score(["math500", "synthetic_arith"], [None, 12], ["1", "12"])
+    res = scorer.score(["math500", "synthetic_sort"], [None, 12], ["1", "12"])
     assert res.scores == [0.0, 0.0] and res.n_errors == 2
 
 
@@ -126,7 +126,7 @@ def test_time_limit_holds_on_pathological_input():
 def test_registry_routes_and_errors():
     assert get_reward_fn("aime_2024_dapo_boxed").name == "math"
     assert get_reward_fn("math_dapo").name == "math"
-    assert get_reward_fn("synthetic_arith").name == "integer"
+    assert get_reward_fn("synthetic_sort").name == "integer"
     assert get_reward_fn("my_new_source", "rule-lighteval/MATH_v2").name == "math"  # style fallback
     with pytest.raises(KeyError, match="my_new_source"):
         get_reward_fn("my_new_source", "llm_judge")
@@ -145,7 +145,7 @@ def test_custom_reward_registration_runs_inline():
 
 
 def test_integer_reward():
-    fn = get_reward_fn("synthetic_arith").fn
+    fn = get_reward_fn("synthetic_sort").fn
     assert fn("37 + 48 = 85\nAnswer: 85", "85") == 1.0
     assert fn("Answer: 1,085", "1085") == 1.0
     assert fn("Answer: 86", "85") == 0.0

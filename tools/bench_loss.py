@@ -9,7 +9,15 @@ the same run). Each case runs in a fresh process so peak memory is its own:
 CUDA max_memory_allocated on a GPU, ru_maxrss growth on a CPU.
 
     python tools/bench_loss.py                       # CPU defaults
-    python tools/bench_loss.py --sizes 16384x152064 16384x38016 --dtype bf16   # on a GPU
+    python tools/bench_loss.py --device cuda         # the GPU suite (one process; see below)
+    python tools/bench_loss.py --device cuda --sizes 16384x152064 --cases steer_triton liger_ce
+
+--device cuda runs every case in ONE process (a process per case costs seconds of CUDA start-up),
+measures the floors in the same run (device copy bandwidth; bf16 matmul rate) and reports each
+case as a ratio to its floor: 3 N V bytes-per-element / bandwidth for logits cases (read forward,
+read + write backward), 6 N H V / matmul rate for LM-head cases (and 8 N H V, the floor of a
+fused head that recomputes logits in backward). Peak extra memory = max_memory_allocated above
+what was allocated before the case. Missing liger-kernel / megatron-core are reported, not fatal.
 """
 from __future__ import annotations
 
@@ -132,22 +140,261 @@ def _copy_bandwidth(device) -> float:
         times.append(time.perf_counter() - t0)
     return 2 * n / min(times)
 
+# --------------------------------------------------------------------------------------------
+# --device cuda: the GPU suite of issue #8, one process, floors measured in the same run
+
+GPU_CASES = (
+    "steer_triton", "steer_triton_inplace", "steer_torch", "plain_pytorch", "torch_compile",
+    "megatron_vocab_parallel_ce", "liger_ce",
+)
+LMHEAD_CASES = ("steer_fused_lm_head", "lmhead_steer_triton", "liger_fused_linear_ce")
+GPU_SIZES = ["4096x152064", "4096x38016", "16384x152064", "16384x38016"]
+
+
+def _bench_ms(fn, rep_ms):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=min(50.0, rep_ms / 4), rep=rep_ms, return_mode="median")
+
+
+def gpu_floors():
+    """(copy bytes/s counting read + write, bf16 matmul FLOP/s), measured now on this GPU."""
+    import torch
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    bw = 2 * n / (_bench_ms(lambda: b.copy_(a), 200) * 1e-3)
+    del a, b
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn_like(x)
+    tf = 2 * 8192**3 / (_bench_ms(lambda: x @ y, 200) * 1e-3)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw, tf
+
+
+def _gpu_logits_case(case, logits, target, w, state):
+    """A closure running forward + backward of one case; logits.grad is cleared by the caller."""
+    import torch
+
+    if case in ("steer_triton", "steer_torch"):
+        from steer_megatron.loss import token_stats
+
+        kernel = "triton" if case == "steer_triton" else "torch"
+
+        def fn():
+            st = token_stats(logits, target, kernel=kernel, check_inputs=False)
+            ((w * st.logprob).sum() + 1e-3 * st.entropy.sum()).backward()
+    elif case == "steer_triton_inplace":
+        from steer_megatron.loss import token_stats
+
+        # in place: the gradient overwrites the logits (as Megatron's output buffer allows); the
+        # values drift between repetitions, the memory traffic does not
+        def fn():
+            st = token_stats(logits, target, kernel="triton", check_inputs=False, inplace_backward=True)
+            ((w * st.logprob).sum() + 1e-3 * st.entropy.sum()).backward()
+    elif case == "plain_pytorch":
+        def fn():
+            _plain(logits, target, w).backward()
+    elif case == "torch_compile":
+        if "compiled" not in state:  # recompiles itself for each new shape
+            state["compiled"] = torch.compile(_plain, dynamic=False)
+        compiled = state["compiled"]
+
+        def fn():
+            compiled(logits, target, w).backward()
+    elif case == "megatron_vocab_parallel_ce":
+        from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+        if "mcore" not in state:
+            from steer_megatron.parallel import init_parallel
+
+            init_parallel()
+            state["mcore"] = True
+        n, v = logits.shape
+
+        def fn():
+            loss = vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1))
+            (w.view(n, 1) * loss).sum().backward()
+    elif case == "liger_ce":
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+
+        ce = LigerCrossEntropyLoss(reduction="sum")  # log-prob only; grad written into the logits
+
+        def fn():
+            _first(ce(logits, target)).backward()
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return fn
+
+
+def _first(out):
+    """Liger returns (loss, z_loss) in some versions and a bare loss in others."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _gpu_lmhead_case(case, hidden, weight, target, w):
+    if case == "steer_fused_lm_head":
+        from steer_megatron.loss import fused_linear_token_stats
+
+        def fn():
+            st = fused_linear_token_stats(hidden, weight, target, check_inputs=False)
+            ((w * st.logprob).sum() + 1e-3 * st.entropy.sum()).backward()
+    elif case == "lmhead_steer_triton":
+        from steer_megatron.loss import token_stats
+
+        def fn():
+            st = token_stats(hidden @ weight.t(), target, kernel="triton", check_inputs=False, inplace_backward=True)
+            ((w * st.logprob).sum() + 1e-3 * st.entropy.sum()).backward()
+    elif case == "liger_fused_linear_ce":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def fn():
+            _first(flce(weight, hidden, target)).backward()
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return fn
+
+
+def _measure(make, leaves, rep_ms):
+    """(median ms, peak extra GiB) of make()'s closure; grads of `leaves` are cleared each call."""
+    import torch
+
+    fn = make()
+
+    def step():
+        fn()
+        for t in leaves:
+            t.grad = None
+
+    step()  # warm-up: Triton compile, torch.compile, cuBLAS heuristics
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return _bench_ms(step, rep_ms), peak
+
+
+def _gpu_row(row, make, leaves, rep_ms):
+    import torch
+
+    try:
+        ms, peak = _measure(make, leaves, rep_ms)
+        row.update(ms=round(ms, 3), peak_extra_GiB=round(peak, 3), x_floor=round(ms / row["floor_ms"], 3))
+    except Exception as e:  # noqa: BLE001 - a case that cannot run (OOM, missing wheel) is a row
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def gpu_main(args):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_loss --device cuda: no CUDA device here")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    sizes = args.sizes or GPU_SIZES
+    cases = [c for c in (args.cases or GPU_CASES) if c in GPU_CASES]
+    lm_cases = [c for c in (args.cases or LMHEAD_CASES) if c in LMHEAD_CASES]
+    lmheads = ["16384x3584x152064"] if args.lmhead is None else args.lmhead
+    bw, tf = gpu_floors()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": round(bw / 1e12, 3),
+            "bf16_TFLOPs": round(tf / 1e12, 1), "dtype": str(dtype).replace("torch.", "")}
+    for mod in ("triton", "liger_kernel", "megatron.core"):
+        try:
+            m = __import__(mod, fromlist=["_"])
+            info[mod] = getattr(m, "__version__", "present")
+        except Exception as e:  # noqa: BLE001
+            info[mod] = f"missing ({type(e).__name__})"
+    print(json.dumps(info), flush=True)
+    rows, state = [], {}
+    elem = torch.empty((), dtype=dtype).element_size()
+    for size in sizes:
+        n, v = (int(x) for x in size.lower().split("x"))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        logits = (torch.randn(n, v, device="cuda", generator=gen) * 3).to(dtype).requires_grad_()
+        target = torch.randint(0, v, (n,), device="cuda", generator=gen)
+        w = torch.randn(n, device="cuda", generator=gen)
+        floor_ms = 3 * n * v * elem / bw * 1e3  # read forward; read + write the gradient backward
+        for case in cases:
+            row = {"case": case, "N": n, "V": v, "floor_ms": round(floor_ms, 3),
+                   "grad_GiB": round(n * v * elem / 2**30, 3)}
+            rows.append(_gpu_row(row, lambda: _gpu_logits_case(case, logits, target, w, state), [logits], args.rep_ms))
+        del logits
+        torch.cuda.empty_cache()
+    for spec in lmheads:
+        n, h, v = (int(x) for x in spec.lower().split("x"))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        hidden = (torch.randn(n, h, device="cuda", generator=gen) * 0.5).to(dtype).requires_grad_()
+        weight = (torch.randn(v, h, device="cuda", generator=gen) * 0.02).to(dtype).requires_grad_()
+        target = torch.randint(0, v, (n,), device="cuda", generator=gen)
+        w = torch.randn(n, device="cuda", generator=gen)
+        floor_ms = 6 * n * h * v / tf * 1e3
+        for case in lm_cases:
+            row = {"case": case, "N": n, "H": h, "V": v, "floor_ms": round(floor_ms, 3),
+                   "floor_8NHV_ms": round(floor_ms * 8 / 6, 3)}
+            rows.append(_gpu_row(row, lambda: _gpu_lmhead_case(case, hidden, weight, target, w),
+                                 [hidden, weight], args.rep_ms))
+        del hidden, weight
+        torch.cuda.empty_cache()
+    _gpu_table(info, rows)
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    return rows
+
+
+def _gpu_table(info, rows):
+    print(f"\n{info['device']}: copy {info['copy_TBps']} TB/s, bf16 matmul {info['bf16_TFLOPs']} TFLOP/s "
+          "(floors measured in this run; LM-head floor = 6 N H V at that rate)")
+    print(f"{'case':28s} {'N':>6s} {'H':>5s} {'V':>7s} {'ms':>9s} {'x floor':>8s} {'peak GiB':>9s} {'grad GiB':>9s}")
+    for r in rows:
+        head = f"{r['case']:28s} {r['N']:6d} {r.get('H', 0) or '':>5} {r['V']:7d}"
+        if "ms" in r:
+            print(f"{head} {r['ms']:9.2f} {r['x_floor']:8.2f} {r['peak_extra_GiB']:9.3f} {r.get('grad_GiB', ''):>9}")
+        else:
+            print(f"{head}  error: {r['error']}")
+
 
 def main(argv=None):
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = torch.cuda.is_available()
-    ap.add_argument("--sizes", nargs="+", default=["16384x152064", "16384x38016"] if on_gpu else ["2048x32768", "4096x38016"],
-                    help="NxV cases: tokens x vocab shard columns")
+    ap.add_argument("--sizes", nargs="+", default=None,
+                    help="NxV cases: tokens x vocab shard columns (default: CPU 2048x32768 4096x38016; "
+                         "cuda the four of issue #8, N 4096 and 16384 x V 152064 and 38016)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if on_gpu else "fp32", help="logits dtype")
-    ap.add_argument("--cases", nargs="+", choices=CASES,
-                    default=list(CASES) if on_gpu else ["steer_token_stats", "plain_pytorch", "megatron_vocab_parallel_ce"],
+    ap.add_argument("--cases", nargs="+", choices=sorted(set(CASES) | set(GPU_CASES) | set(LMHEAD_CASES)),
+                    default=None,
                     help="what to run (torch_compile is off by default on CPU: minutes of compile)")
     ap.add_argument("--reps", type=int, default=5 if not on_gpu else 20, help="timed repetitions (median reported)")
     ap.add_argument("--chunk", type=int, default=None, help="token chunk of token_stats (default: its own, 64 MiB per temporary)")
     ap.add_argument("--json", type=Path, help="also write all rows to this JSON file")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="cuda: the GPU suite in one process (gpu cases, floors measured in the run)")
+    ap.add_argument("--lmhead", nargs="*", default=None,
+                    help="cuda: NxHxV LM-head cases (default 16384x3584x152064; none to skip)")
+    ap.add_argument("--rep-ms", type=float, default=200.0, help="cuda: do_bench time budget per case")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        return gpu_main(args)
+    if args.device == "cpu":
+        on_gpu = False
+    if args.sizes is None:
+        args.sizes = ["16384x152064", "16384x38016"] if on_gpu else ["2048x32768", "4096x38016"]
+    if args.cases is None:
+        args.cases = list(CASES) if on_gpu else ["steer_token_stats", "plain_pytorch", "megatron_vocab_parallel_ce"]
+    if set(args.cases) - set(CASES):
+        ap.error(f"cases {sorted(set(args.cases) - set(CASES))} run only with --device cuda")
     device = "cuda" if on_gpu else "cpu"
     dtype = DTYPES[args.dtype]
     bw = _copy_bandwidth(device)

@@ -2,7 +2,7 @@
 """Plot training curves of one or more runs from their metrics.jsonl into one PNG.
 
     python tools/plot_run.py runs/demo_grpo runs/demo_steer --out curves.png
-    python tools/plot_run.py runs/a --metric actor/entropy --metric eval/synthetic_arith/mean@4
+    python tools/plot_run.py runs/a --metric actor/entropy --metric eval/test/mean@4
 
 One subplot per metric (default: entropy, accuracy, response length, reward), one line per
 run, labelled by the run directory's name. Metrics that no run logged are left out.

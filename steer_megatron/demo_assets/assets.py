@@ -31,8 +31,8 @@ from steer_megatron.demo_assets.tokenizer import build_char_tokenizer
 log = logging.getLogger(__name__)
 
 # Bump when the build recipe changes in a way the parameters do not capture.
-RECIPE_VERSION = 2  # 2: byte-level tokenizer (loads the same through AutoTokenizer)
-_KEY_FIELDS = ("seed", "max_operand", "n_train", "n_test", "hidden_size", "num_layers",
+RECIPE_VERSION = 3  # 2: byte-level tokenizer (loads the same through AutoTokenizer); 3: digit sorting
+_KEY_FIELDS = ("seed", "num_digits", "n_train", "n_test", "hidden_size", "num_layers",
                "warmup_steps", "warmup_lr", "warmup_batch_size")
 
 
@@ -77,7 +77,7 @@ def _build(demo: DemoConfig, root: Path) -> None:
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    train, test = make_splits(demo.max_operand, demo.n_train, demo.n_test, demo.seed)
+    train, test = make_splits(demo.num_digits, demo.n_train, demo.n_test, demo.seed)
     write_parquet(train, "train", tmp / "train.parquet")
     write_parquet(test, "test", tmp / "test.parquet")
     tok = build_char_tokenizer()

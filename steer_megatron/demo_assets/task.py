@@ -1,8 +1,15 @@
-"""The demo's verifiable task: multi-digit addition/subtraction, as verl-layout parquets.
+"""The demo's verifiable task: sort a few digits ("Sort 3 1 4 2" -> "Answer: 1234"), as verl-layout parquets.
+
+Sorting is an algorithm, not a lookup table: a tiny transformer learns it from a short warm-up
+well enough to be mostly right greedily yet often wrong when sampling, and what RL sharpens on the
+training prompts carries over to unseen ones. (A first version used `a + b` with small operands:
+there a 64-wide model can only memorise the table, every step that helps some prompts hurts
+others, and GRPO did not raise accuracy at any learning rate; see docs/benchmarks.md.)
 
 Each row is one prompt in exactly the layout of ../shared/datasets (data_source, prompt as
 chat messages, ability, reward_model {ground_truth, style}, extra_info {index, split}), so
-the demo exercises the same data path as the real runs.
+the demo exercises the same data path as the real runs. The answer, the sorted digits read as
+one integer (digits are 1-9, so no leading zeros), is scored by exact integer match.
 """
 from __future__ import annotations
 
@@ -13,49 +20,47 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DATA_SOURCE = "synthetic_arith"
+DATA_SOURCE = "synthetic_sort"
+DIGITS = range(1, 10)
 
 
 @dataclass(frozen=True)
 class Problem:
-    a: int
-    b: int
-    op: str  # "+" or "-"
+    digits: tuple[int, ...]
 
     @property
     def answer(self) -> int:
-        return self.a + self.b if self.op == "+" else self.a - self.b
+        return int("".join(map(str, sorted(self.digits))))
 
     @property
     def question(self) -> str:
-        return f"What is {self.a} {self.op} {self.b}?"
+        return "Sort " + " ".join(map(str, self.digits))
 
     @property
     def solution(self) -> str:
-        """What the warm-up teaches: just the `Answer:` line (an echoed equation only slows a tiny model)."""
+        """What the warm-up teaches: just the `Answer:` line."""
         return f"Answer: {self.answer}"
 
 
-def problem_space(max_operand: int) -> list[Problem]:
-    """Every a + b and every a - b with a >= b (no negative answers), operands in [0, max_operand]."""
-    r = range(max_operand + 1)
-    return [Problem(a, b, "+") for a in r for b in r] + [Problem(a, b, "-") for a in r for b in r if a >= b]
+def space_size(num_digits: int) -> int:
+    return len(DIGITS) ** num_digits
 
 
-def make_splits(max_operand: int, n_train: int, n_test: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint seeded train/test draws from the problem space (test problems are never trained on).
-
-    Small operands are deliberate: a tiny model on 2 CPU cores learns part of this table in a
-    short warm-up, which leaves accuracy in the middle for RL to improve.
-    """
-    space = problem_space(max_operand)
-    if n_train + n_test > len(space):
+def make_splits(num_digits: int, n_train: int, n_test: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Disjoint seeded draws of distinct digit tuples (repeats allowed within a tuple); test
+    problems are never trained on."""
+    if num_digits < 2:
+        raise ValueError(f"demo.num_digits={num_digits}: sorting needs at least 2 digits")
+    size = space_size(num_digits)
+    if n_train + n_test > size:
         raise ValueError(
-            f"demo.n_train + demo.n_test = {n_train + n_test} exceeds the {len(space)} distinct problems "
-            f"with operands <= {max_operand}; raise demo.max_operand or lower the counts"
+            f"demo.n_train + demo.n_test = {n_train + n_test} exceeds the {size} distinct problems "
+            f"with {num_digits} digits; raise demo.num_digits or lower the counts"
         )
-    random.Random(seed).shuffle(space)
-    return space[:n_train], space[n_train : n_train + n_test]
+    rng = random.Random(seed)
+    picked = rng.sample(range(size), n_train + n_test)  # tuple index in base 9: no rejection loop
+    problems = [Problem(tuple(DIGITS[(i // len(DIGITS) ** k) % len(DIGITS)] for k in range(num_digits))) for i in picked]
+    return problems[:n_train], problems[n_train:]
 
 
 def to_rows(problems: list[Problem], split: str) -> list[dict]:
@@ -63,7 +68,7 @@ def to_rows(problems: list[Problem], split: str) -> list[dict]:
         {
             "data_source": DATA_SOURCE,
             "prompt": [{"role": "user", "content": p.question}],
-            "ability": "ARITH",
+            "ability": "SORT",
             "reward_model": {"ground_truth": str(p.answer), "style": "rule"},
             "extra_info": {"index": i, "split": split},
         }

@@ -5,10 +5,11 @@ from steer_megatron.diagnostics.entropy_change import (
     FORMS, EntropyChangeData, analyze, average_ranks, flat_metrics, omega_forms, pearson,
     plot_binned_scatter, plot_entropy_relation, sign_agreement, spearman,
 )
+from steer_megatron.diagnostics.hook import DiagnosticsHook
 from steer_megatron.diagnostics.measure import EntropyProbe, TrainingSnapshot, measure_entropy_change
 
 __all__ = [
-    "FORMS", "EntropyChangeData", "EntropyProbe", "TrainingSnapshot", "WMinController", "analyze", "average_ranks",
-    "flat_metrics", "measure_entropy_change", "omega_forms", "pearson", "plot_binned_scatter",
+    "FORMS", "DiagnosticsHook", "EntropyChangeData", "EntropyProbe", "TrainingSnapshot", "WMinController", "analyze",
+    "average_ranks", "flat_metrics", "measure_entropy_change", "omega_forms", "pearson", "plot_binned_scatter",
     "plot_entropy_relation", "sign_agreement", "spearman", "step_entropy_change", "with_w_min",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -192,11 +193,18 @@ class EntropyProbe:
         self.prob_threshold, self.n_bins = prob_threshold, n_bins
         self.last_report: dict | None = None
 
-    def maybe_run(self, step: int, actor: MegatronActor) -> dict[str, float] | None:
-        """Metrics `diag/*` at steps divisible by every_k (on the last stage; {} elsewhere), else None."""
+    def maybe_run(
+        self, step: int, actor: MegatronActor,
+        pool: Callable[[EntropyChangeData | None], EntropyChangeData | None] | None = None,
+    ) -> dict[str, float] | None:
+        """Metrics `diag/*` at steps divisible by every_k (on the last stage; {} elsewhere), else None.
+        pool (collective, optional): merges the ranks' per-token data before the analysis, returning
+        None where no analysis is wanted (the trainer pools every DP slice on rank 0)."""
         if step % self.every_k:
             return None
         data, _ = measure_entropy_change(actor, self.batch, undo=True)
+        if pool is not None:
+            data = pool(data)
         if data is None:
             return {}
         loss = actor.cfg.loss

@@ -7,6 +7,8 @@ The full vocabulary is never gathered, and no fp32 copy of the logits is kept fo
 forward and backward walk the shard in token chunks, so extra memory is chunk x V_local.
 
 Backward needs no collective: d logp / dz = 1[a=y] - p and d H / dz = -p (log p + H).
+On CUDA the per-shard passes run as Triton kernels (loss/kernels/triton_stats.py) with no chunk
+temporaries; the all-gather and merge below are shared by every path.
 """
 from __future__ import annotations
 
@@ -85,38 +87,91 @@ def _gather_stats(local: torch.Tensor, tp_group, world: int) -> torch.Tensor:
     return out
 
 
-def _merge(stats: torch.Tensor):
-    """Combine per-rank shifted moments into log Z, H, sum p^2, sum p^2 log p and the target logit."""
-    m, s0, s1, s2, s3, zt = stats.unbind(-1)  # each [world, N]
+def _combine(stats: torch.Tensor) -> torch.Tensor:
+    """[k, N, 6] partial stats (ranks, or vocab blocks) -> one [N, 6] relative to the common max."""
+    if stats.shape[0] == 1:
+        return stats[0]
+    m, s0, s1, s2, s3, zt = stats.unbind(-1)  # each [k, N]
     big_m = m.amax(dim=0)
     delta = m - big_m
     a = delta.exp()
-    S0 = (a * s0).sum(0)
-    S1 = (a * (s1 + delta * s0)).sum(0)
-    S2 = (a * a * s2).sum(0)
-    S3 = (a * a * (s3 + delta * s2)).sum(0)
+    return torch.stack([
+        big_m,
+        (a * s0).sum(0),
+        (a * (s1 + delta * s0)).sum(0),
+        (a * a * s2).sum(0),
+        (a * a * (s3 + delta * s2)).sum(0),
+        zt.sum(0),
+    ], dim=-1)
+
+
+def _finish(raw: torch.Tensor):
+    """One [N, 6] (max, S0..S3, target logit) -> log Z, H, sum p^2, sum p^2 log p, target logit."""
+    big_m, S0, S1, S2, S3, zt = raw.unbind(-1)
     log_s0 = S0.log()
     log_z = big_m + log_s0
     entropy = log_s0 - S1 / S0
     sum_p2 = S2 / (S0 * S0)
     sum_p2_logp = S3 / (S0 * S0) - sum_p2 * log_s0
-    return log_z, entropy, sum_p2, sum_p2_logp, zt.sum(0)
+    return log_z, entropy, sum_p2, sum_p2_logp, zt
+
+
+def _merge(stats: torch.Tensor):
+    """Combine per-rank shifted moments into log Z, H, sum p^2, sum p^2 log p and the target logit."""
+    return _finish(_combine(stats))
+
+
+def merge_across_ranks(local: torch.Tensor, tp_group):
+    """The shared cross-rank step of every path (PyTorch, Triton, fused LM head): one all-gather of
+    the local [N, 6] partial stats, then the merge of DESIGN.md section 2."""
+    _, world = _tp_rank_world(tp_group)
+    return _merge(_gather_stats(local, tp_group, world))
+
+
+def _grad_torch(logits, target, log_z, entropy, g_logp, g_entropy, n_valid, vocab_start, chunk, grad):
+    """Write d(loss)/d(logits) into `grad` (may alias `logits`): chunked PyTorch, fp32 temporaries."""
+    grad[:, n_valid:] = 0
+    if n_valid == 0:
+        return grad
+    acc = log_z.dtype
+    local_t = target - vocab_start
+    on_shard = (local_t >= 0) & (local_t < n_valid)
+    for s in range(0, logits.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        g = logits[sl, :n_valid].to(acc) - log_z[sl, None]  # log p; becomes the gradient in place
+        p = g.exp()
+        if g_entropy is not None:  # dH/dz = -p (log p + H)
+            g.add_(entropy[sl, None]).mul_(p).mul_(-g_entropy[sl, None].to(acc))
+        else:
+            g.zero_()
+        if g_logp is not None:  # dlogp/dz = 1[a=y] - p
+            gl = g_logp[sl].to(acc)
+            g.addcmul_(p, gl[:, None], value=-1)
+            rows = on_shard[sl].nonzero().squeeze(-1)
+            g[rows, local_t[sl][rows]] += gl[rows]
+        grad[sl, :n_valid] = g
+    return grad
 
 
 class _VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, vocab_size, tp_group, chunk, inplace_backward, check_inputs, p2_stats):
+    def forward(ctx, logits, target, vocab_size, tp_group, chunk, inplace_backward, check_inputs, p2_stats, kernel):
         rank, world = _tp_rank_world(tp_group)
         v_local = logits.shape[-1]
         n_valid = _valid_columns(vocab_size, v_local, rank)
         acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        local = _local_stats(logits, target, n_valid, rank * v_local, chunk, acc_dtype, p2_stats)
+        if kernel == "triton":
+            from steer_megatron.loss.kernels import triton_stats
+
+            local = triton_stats.local_stats(logits, target, n_valid, rank * v_local, p2_stats)
+        else:
+            local = _local_stats(logits, target, n_valid, rank * v_local, chunk, acc_dtype, p2_stats)
         log_z, entropy, sum_p2, sum_p2_logp, z_target = _merge(_gather_stats(local, tp_group, world))
         logprob = z_target - log_z
         if check_inputs:
             _raise_on_bad_values(log_z, target, vocab_size)
         ctx.save_for_backward(logits, target, log_z, entropy)
-        ctx.meta = (n_valid, rank * v_local, chunk, inplace_backward)
+        ctx.meta = (n_valid, rank * v_local, chunk, inplace_backward, kernel)
         ctx.mark_non_differentiable(sum_p2, sum_p2_logp)
         ctx.set_materialize_grads(False)
         return logprob, entropy, sum_p2, sum_p2_logp
@@ -124,31 +179,18 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_entropy, _g_p2, _g_p2logp):
         logits, target, log_z, entropy = ctx.saved_tensors
-        n_valid, vocab_start, chunk, inplace = ctx.meta
+        n_valid, vocab_start, chunk, inplace, kernel = ctx.meta
+        none = (None,) * 8
         if g_logp is None and g_entropy is None:
-            return (None,) * 8
+            return (None,) + none
         grad = logits if inplace else torch.empty_like(logits)
-        grad[:, n_valid:] = 0
-        if n_valid == 0:
-            return (grad,) + (None,) * 7
-        acc = log_z.dtype
-        local_t = target - vocab_start
-        on_shard = (local_t >= 0) & (local_t < n_valid)
-        for s in range(0, logits.shape[0], chunk):
-            sl = slice(s, s + chunk)
-            g = logits[sl, :n_valid].to(acc) - log_z[sl, None]  # log p; becomes the gradient in place
-            p = g.exp()
-            if g_entropy is not None:  # dH/dz = -p (log p + H)
-                g.add_(entropy[sl, None]).mul_(p).mul_(-g_entropy[sl, None].to(acc))
-            else:
-                g.zero_()
-            if g_logp is not None:  # dlogp/dz = 1[a=y] - p
-                gl = g_logp[sl].to(acc)
-                g.addcmul_(p, gl[:, None], value=-1)
-                rows = on_shard[sl].nonzero().squeeze(-1)
-                g[rows, local_t[sl][rows]] += gl[rows]
-            grad[sl, :n_valid] = g
-        return (grad,) + (None,) * 7
+        if kernel == "triton":
+            from steer_megatron.loss.kernels import triton_stats
+
+            triton_stats.grad_logits(logits, target, log_z, entropy, g_logp, g_entropy, n_valid, vocab_start, grad)
+        else:
+            _grad_torch(logits, target, log_z, entropy, g_logp, g_entropy, n_valid, vocab_start, chunk, grad)
+        return (grad,) + none
 
 
 def _raise_on_bad_values(log_z: torch.Tensor, target: torch.Tensor, vocab_size: int) -> None:
@@ -180,6 +222,7 @@ def token_stats(
     inplace_backward: bool = False,
     check_inputs: bool = True,
     p2_stats: bool = True,
+    kernel: str = "auto",
 ) -> TokenStats:
     """Per-token log p(target), entropy, sum p^2 and sum p^2 log p of softmax(logits).
 
@@ -197,6 +240,9 @@ def token_stats(
     check_inputs: raise on out-of-range targets or NaN/Inf logits (one host sync per call).
     p2_stats: compute sum p^2 and sum p^2 log p (STEER's exact form needs them; two fewer vocab
         reductions without). When False those two outputs are zeros.
+    kernel: "auto" (the Triton kernels for bf16/fp16/fp32 CUDA logits when triton imports, else
+        PyTorch), "torch", or "triton" (fails clearly where it cannot run). See loss/kernels/.
+        The Triton path ignores chunk_tokens: it streams the shard with no temporaries.
 
     Gradients flow through logprob and entropy; sum_p2 and sum_p2_logp carry none.
     """
@@ -226,11 +272,13 @@ def token_stats(
         chunk_tokens = max(1, CHUNK_BYTES // (4 * v_local))
     if chunk_tokens < 1:
         raise ValueError(f"token_stats: chunk_tokens must be >= 1, got {chunk_tokens}")
+    from steer_megatron.loss.kernels import select_kernel
+
     flat = logits.reshape(-1, v_local)
     tgt = target.reshape(-1).long()
     out = _VocabParallelTokenStats.apply(
         flat, tgt, int(vocab_size), tp_group, int(chunk_tokens), bool(inplace_backward), bool(check_inputs),
-        bool(p2_stats),
+        bool(p2_stats), select_kernel(kernel, flat),
     )
     return TokenStats(*(o.reshape(lead) for o in out))
 

@@ -51,7 +51,7 @@ _INT = re.compile(r"^[-+]?\d{1,30}$")
 
 @register_reward("integer", sandboxed=False)
 def integer_reward(completion: str, ground_truth: str) -> float:
-    """Exact integer match (synthetic arithmetic); anything that is not an integer scores 0."""
+    """Exact integer match (the CPU demo's synthetic tasks); anything that is not an integer scores 0."""
     answer = extract_final_answer(completion)
     if answer is None:
         return 0.0

@@ -92,5 +92,5 @@ def _ensure_builtins() -> None:
         "gsm8k*", "omni*", "lighteval/MATH*",
     ):
         _SOURCES.append((pattern, "math"))
-    _SOURCES.append(("synthetic_arith*", "integer"))
+    _SOURCES.append(("synthetic_*", "integer"))  # the CPU demo's tasks
     _STYLES.append(("rule*", "math"))

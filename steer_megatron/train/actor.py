@@ -55,6 +55,7 @@ class ActorConfig:
     policy_loss: str = "steer"
     loss: PolicyLossConfig = PolicyLossConfig()
     chunk_tokens: int | None = None
+    loss_kernel: str = "auto"  # auto | torch | triton (steer_megatron.loss.kernels)
 
     def __post_init__(self):
         if self.mini_batch_size % self.micro_batch_size:
@@ -80,7 +81,7 @@ class MegatronActor:
 
         return token_stats(logits[:, :-1], mb.input_ids[:, 1:], vocab_size=self.cfg.vocab_size,
                            tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=self.cfg.chunk_tokens,
-                           p2_stats=p2_stats)
+                           p2_stats=p2_stats, kernel=self.cfg.loss_kernel)
 
     def run_schedule(self, batch: ActorBatch, loss_func, forward_only: bool):
         """megatron's forward/backward schedule over micro-batches of `batch`."""

@@ -38,6 +38,14 @@ class ControlPlane:
         dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank."""
         if not self.active:

@@ -169,11 +169,12 @@ class Driver:
         })
         return batch
 
-    def finish_step(self, step: int, rank_metrics: list[dict], timing: dict, report, *, lr: float) -> None:
+    def finish_step(self, step: int, rank_metrics: list[dict], timing: dict, report, *, lr: float,
+                    diag: dict[str, float] | None = None) -> None:
         keys = set().union(*rank_metrics) if rank_metrics else set()
         actor = {f"actor/{k}": sum(m.get(k, 0.0) for m in rank_metrics) / len(rank_metrics) for k in keys}
         actor[names.ENTROPY] = actor.pop("actor/entropy_mean", float("nan"))
-        metrics = {**self._rollout_metrics, **actor, **timing, "actor/lr": lr}
+        metrics = {**self._rollout_metrics, **actor, **timing, "actor/lr": lr, **(diag or {})}
         if report is not None:
             metrics["sync/seconds"] = report.seconds
             if report.parity is not None:

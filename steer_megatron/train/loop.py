@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from steer_megatron.config import RunConfig, config_to_dict, validate_config
+from steer_megatron.diagnostics.hook import DiagnosticsHook
 from steer_megatron.models.checkpoint import find_latest, load_checkpoint, read_meta, save_checkpoint
 from steer_megatron.models.hf_config import build_gpt_model, parse_hf_config
 from steer_megatron.models.hf_export import export_hf_checkpoint
@@ -58,12 +59,14 @@ def train(cfg: RunConfig) -> Path:
     actor = MegatronActor(ddp, optimizer, ActorConfig(
         vocab_size=vocab.size, micro_batch_size=cfg.trainer.micro_batch_size,
         mini_batch_size=cfg.trainer.mini_batch_size * n // dp, ppo_epochs=cfg.trainer.ppo_epochs,
-        policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg)), scheduler)
-    start_step, sampler_state = 0, None
-    if latest:  # same data order, RNG, optimizer and LR schedule as if never stopped
+        policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg), loss_kernel=cfg.algorithm.loss_kernel), scheduler)
+    start_step, sampler_state, diag_state = 0, None, None
+    if latest:  # same data order, RNG, optimizer, LR schedule and diagnostics as if never stopped
         meta = load_checkpoint(latest, ddp, optimizer)
-        start_step, sampler_state = meta.step, meta.extra.get("sampler")
+        start_step, sampler_state, diag_state = meta.step, meta.extra.get("sampler"), meta.extra.get("diagnostics")
         scheduler.load_state_dict(meta.extra["scheduler"])
+    # optional entropy probe and closed loop on w_min (docs/entropy_diagnostics.md); None when off
+    diag = DiagnosticsHook.build(cfg, control, run.path, actor, dp, diag_state)
 
     # -- rank 0: data, rewards, rollout fleet, logging
     driver = Driver(cfg, run, sampler_state, resume_step=start_step if latest else None, dp=dp) if control.is_driver else None
@@ -92,6 +95,9 @@ def train(cfg: RunConfig) -> Path:
                 gap = (local.old_log_prob - local.rollout_log_prob).abs()[local.loss_mask]
                 train_metrics["rollout_train_logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
             timing["timing/update_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            diag_metrics = diag.after_update(step, actor, batch, local) if diag else {}
+            timing["timing/diagnostics_s"] = time.perf_counter() - t1
 
             t1 = time.perf_counter()
             report = publisher.publish(step + 1)
@@ -103,11 +109,12 @@ def train(cfg: RunConfig) -> Path:
             if driver:
                 timing["timing/step_s"] = time.perf_counter() - t0
                 driver.finish_step(step + 1, [g for g in gathered if g is not None], timing, report,
-                                   lr=scheduler.get_lr(optimizer.param_groups[0]))
+                                   lr=scheduler.get_lr(optimizer.param_groups[0]), diag=diag_metrics)
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
                     driver.log(step + 1, driver.evaluate(step + 1))
             if done or stopping or (cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0):
-                extra = {"scheduler": scheduler.state_dict(), "sampler": driver.sampler.state_dict() if driver else None}
+                extra = {"scheduler": scheduler.state_dict(), "sampler": driver.sampler.state_dict() if driver else None,
+                         "diagnostics": diag.state_dict() if diag else None}
                 save_checkpoint(run.checkpoints, step + 1, ddp, optimizer, extra=extra, config=config_to_dict(cfg),
                                 keep_last=cfg.trainer.keep_last)
             if stopping and not done:

@@ -1,0 +1,97 @@
+"""The entropy diagnostics inside the real trainer: the probe's diag/* metrics, the w_min closed
+loop's direction and bounds, resume continuing the same w_min sequence, and config validation."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from steer_megatron.config import ConfigError, load_config, validate_config
+from steer_megatron.parallel import spawn_ranks
+from tests.test_trainer import _comparable, train_worker
+
+# The CPU demo's own model and task at a few sequences per step (demo.* left alone: whatever the
+# demo builds, the diagnostics must work on it).
+SMALL = ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=4", "trainer.micro_batch_size=4", "rollout.n=4",
+         "trainer.save_every=0", "eval.every=0", "logging.tensorboard=false"]
+
+# A band far above any step's entropy change (|dH| ~ 1e-3 on the demo): every step falls below it, so the
+# controller must lower w_min (less damping of entropy loss would be the wrong way) by exactly
+# exp(-max_step) per step, down to the floor 0.3.
+DIAG = ["diagnostics.probe_every=1", "diagnostics.closed_loop.enabled=true",
+        "diagnostics.closed_loop.band=[0.5,1.0]", "diagnostics.closed_loop.w_min_bounds=[0.3,1.0]",
+        "diagnostics.closed_loop.max_step=0.5", "algorithm.steer.w_min=0.8"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One closed-loop run checkpointing at steps 2 and 4, and a copy of it resumed from step 2."""
+    from steer_megatron.demo_assets.assets import build_demo_assets
+
+    root = tmp_path_factory.mktemp("diag_runs")
+    base = SMALL + [f"demo.cache_dir={root / 'assets'}", f"trainer.output_dir={root}", *DIAG,
+                    f"trainer.total_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=2"]
+    build_demo_assets(load_config(None, base).demo)
+    full = Path(spawn_ranks(train_worker, 1, base + ["trainer.run_name=full"])[0])
+    # a copy cut back to step 2 (cheaper than a third run): the held batch file and metrics come along
+    shutil.copytree(full, root / "cut")
+    (root / "cut" / "run_identity.sha256").unlink()  # the run name is part of a run's identity
+    cut = Path(spawn_ranks(train_worker, 1, base + ["trainer.run_name=cut",
+                                                    f"trainer.resume={root / 'cut/checkpoints/iter_0000002'}"])[0])
+    return full, cut
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_probe_logs_finite_correlations_and_closed_loop_lowers_w_min_to_its_floor(runs):
+    full, _ = runs
+    rows = _rows(full)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        for form in ("release", "paper", "exact", "exact_ppo"):
+            assert math.isfinite(r[f"diag/pearson_{form}"]) and math.isfinite(r[f"diag/spearman_{form}"])
+        assert r["diag/tokens"] > 0 and math.isfinite(r["diag/measured_dH_mean"])
+        assert r["diag/step_dH"] != 0 and r["diag/in_band"] == 0.0
+    # the probe measures the same held batch (the run's first rollout batch) every step
+    assert len({r["diag/tokens"] for r in rows}) == 1
+    assert [r["diag/w_min"] for r in rows] == pytest.approx([0.8, 0.8 * math.exp(-0.5), 0.3, 0.3])
+    assert (full / "diagnostics" / "probe_batch.pt").is_file()
+    meta = json.loads((full / "checkpoints" / "iter_0000004" / "meta.json").read_text())
+    assert meta["extra"]["diagnostics"]["controller"]["w_min"] == pytest.approx(0.3)
+    assert meta["extra"]["diagnostics"]["probe_batch"]["source_step"] == 0
+
+
+def test_resume_continues_the_w_min_sequence_and_the_probe(runs):
+    full, cut = runs
+    got, want = _comparable(_rows(cut)), _comparable(_rows(full))
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):  # same w_min, step dH and probe correlations after the restart
+        assert g == pytest.approx(w, rel=0, abs=1e-8)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["diagnostics.closed_loop.enabled=true", "algorithm.policy_loss=grpo"], "needs algorithm.policy_loss=steer"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.band=[0.01,-0.01]"], r"closed_loop.band=.*low < high"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.w_min_bounds=[0.5,1.5]"], r"w_min_bounds=.*0 < low"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.w_min_bounds=[0.05,0.5]"],
+     r"algorithm.steer.w_min=0.8 .* inside diagnostics.closed_loop.w_min_bounds"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.gain=0"], "gain=0.0 and max_step"),
+    (["diagnostics.probe_every=-1"], "diagnostics.probe_every=-1"),
+    (["diagnostics.probe_prompts=999"], "diagnostics.probe_prompts=999"),
+])
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_probe_batch_must_split_over_data_parallel_ranks():
+    cfg = load_config(None, ["diagnostics.probe_every=5", "diagnostics.probe_prompts=1", "rollout.n=8",
+                             "trainer.micro_batch_size=16"])
+    with pytest.raises(ConfigError, match=r"diagnostics.probe_prompts=1 .* multiple of 2 prompts"):
+        validate_config(cfg, world_size=1, check_paths=False)
+    cfg.diagnostics.probe_prompts = 2
+    assert validate_config(cfg, world_size=1, check_paths=False) == 1
