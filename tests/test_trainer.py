@@ -20,6 +20,7 @@ SMALL = [  # a tiny, quick version of the CPU demo
     "rollout.n=4", "trainer.save_every=0", "eval.every=0", "logging.tensorboard=false",
 ]
 NONDETERMINISTIC = ("time", "timing/", "rollout/tokens_per_s", "sync/seconds")
+GAP = "actor/rollout_train_logprob_gap"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,17 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC)} for r in rows]
 
 
+def assert_same_metrics(got_rows, want_rows):
+    """Step for step: identical samples, rewards, losses and weights. Only the rollout-vs-trainer
+    log-prob gap carries the CPU server's float noise (its batches form differently run to run,
+    ~1e-8 on a gap of ~2e-7): both runs must keep it at fp32 noise, not equal to the bit."""
+    got_rows, want_rows = _comparable(got_rows), _comparable(want_rows)
+    assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows]
+    for got, want in zip(got_rows, want_rows):
+        assert got.pop(GAP, 0.0) < 1e-5 and want.pop(GAP, 0.0) < 1e-5
+        assert got == pytest.approx(want, rel=0, abs=1e-8)
+
+
 def test_sigterm_then_resume_reproduces_an_uninterrupted_run(tmp_path, demo_cache):
     steps = 8  # room to interrupt: the signal is taken at the end of the step it arrives in
     full = _launch(tmp_path, demo_cache, "full", steps)
@@ -98,15 +110,7 @@ def test_sigterm_then_resume_reproduces_an_uninterrupted_run(tmp_path, demo_cach
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
     assert (tmp_path / "cut" / "DONE").exists()
-    cut_rows, full_rows = _comparable(_metrics(tmp_path / "cut")), _comparable(_metrics(tmp_path / "full"))
-    assert [r["step"] for r in cut_rows] == [r["step"] for r in full_rows]
-    gap = "actor/rollout_train_logprob_gap"
-    for got, want in zip(cut_rows, full_rows):
-        # Identical samples, rewards, losses and weights. Only the rollout-vs-trainer log-prob gap
-        # carries the CPU server's float noise (its batches form differently run to run, ~1e-8 on
-        # a gap of ~2e-7): both runs must keep it at fp32 noise, not equal to the bit.
-        assert got.pop(gap, 0.0) < 1e-5 and want.pop(gap, 0.0) < 1e-5
-        assert got == pytest.approx(want, rel=0, abs=1e-8)
+    assert_same_metrics(_metrics(tmp_path / "cut"), _metrics(tmp_path / "full"))
 
 
 def test_same_run_name_with_another_config_is_refused(tmp_path, demo_cache):

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="HF_DIR", help="HF model directory to train from")
-    src.add_argument("--demo", action="store_true", help="the CPU demo's warmed-up tiny model and arithmetic data")
+    src.add_argument("--demo", action="store_true", help="the CPU demo's warmed-up tiny model and digit-sorting data")
     p.add_argument("--config", metavar="YAML", help="run config for loss and optimizer (default configs/cpu_demo.yaml)")
     p.add_argument("--data", metavar="PARQUET",
                    help=f"RL parquet of prompts, or '{vec.SYNTHETIC}' (default: the demo's train parquet with --demo)")

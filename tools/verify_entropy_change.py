@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "are loaded, so the step uses the run's Adam moments; its saved run config is the default "
                           "--config")
     src.add_argument("--demo", action="store_true",
-                     help="the CPU demo's warmed-up tiny model and arithmetic data (built and cached on first use)")
+                     help="the CPU demo's warmed-up tiny model and digit-sorting data (built and cached on first use)")
     p.add_argument("--config", metavar="YAML",
                    help="run config whose algorithm (loss, clip, STEER form, w_min) and optim (lr, Adam, clip, "
                         "weight decay) settings define the step; default: the checkpoint's saved config with "
