@@ -24,13 +24,12 @@ from steer_megatron.tracking.names import ACCURACY, ENTROPY, RESPONSE_LENGTH
 RUNS = (("grpo", "grpo"), ("steer", "steer"))
 
 
+def _eval_keys(row: dict) -> list[str]:
+    return sorted(k for k in row if k.startswith("eval/") and "/mean@" in k)
+
+
 def _eval_accuracy(rows: list[dict]) -> list[tuple[int, float]]:
-    out = []
-    for r in rows:
-        keys = [k for k in r if k.startswith("eval/") and "/mean@" in k]
-        if keys:
-            out.append((r["step"], r[keys[0]]))
-    return out
+    return [(r["step"], r[keys[0]]) for r in rows if (keys := _eval_keys(r))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs.append(root / run_name)
     png = root / "demo_comparison.png"
     # held-out accuracy next to the training curves (train reward = train accuracy here: 0/1 rewards)
-    eval_keys = sorted({k for r in read_metrics(run_dirs[0]) for k in r if k.startswith("eval/") and "/mean@" in k})
-    metrics = [ENTROPY, ACCURACY, *eval_keys[:1], RESPONSE_LENGTH]
+    eval_key = next((keys[0] for r in read_metrics(run_dirs[0]) if (keys := _eval_keys(r))), None)
+    metrics = [ENTROPY, ACCURACY, *([eval_key] if eval_key else []), RESPONSE_LENGTH]
     subprocess.check_call([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "plot_run.py"),
                            *map(str, run_dirs), "--out", str(png), *(a for m in metrics for a in ("--metric", m))])
     table = Table("run", "eval accuracy first -> last", "train accuracy first -> last", "entropy first -> last",

@@ -101,9 +101,7 @@ class DiagnosticsHook:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"input_ids": held.input_ids, "loss_mask": held.loss_mask, "advantages": held.advantages}, path)
         self.held_ref = {"path": PROBE_FILE, "source_step": source_step, "sha256": _digest(held)}
-        per = len(held) // self.dp
-        rank = ps.get_data_parallel_rank()
-        self.probe = EntropyProbe(self.probe_every, held.slice(rank * per, (rank + 1) * per))
+        self.probe = EntropyProbe(self.probe_every, held.dp_slice(ps.get_data_parallel_rank(), self.dp))
 
     # -- a step -----------------------------------------------------------------------------------
     def after_update(self, step: int, actor: MegatronActor, batch: ActorBatch, local: ActorBatch) -> dict[str, float]:

@@ -47,14 +47,34 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def default_chunk_tokens(v_local: int) -> int:
+    """Tokens per chunk so that one [chunk, v_local] fp32 temporary stays within CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * v_local))
+
+
+def padding_only_stats(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[n, 6] partial stats of a shard made only of padding: zero sums and a finite "max", which
+    keeps the merge free of inf * 0."""
+    out = torch.zeros(n, _N_STATS, dtype=dtype, device=device)
+    out[:, 0] = torch.finfo(dtype).min
+    return out
+
+
+def check_vocab_size(vocab_size: int | None, v_local: int, world: int, who: str) -> int:
+    """The real vocabulary size (default: every column of every shard), checked against the shards."""
+    if vocab_size is None:
+        return v_local * world
+    if not 0 < vocab_size <= v_local * world:
+        raise ValueError(f"{who}: vocab_size={vocab_size} must be in (0, V_local * tp = {v_local} * {world}]")
+    return vocab_size
+
+
 def _local_stats(logits, target, n_valid, vocab_start, chunk, acc_dtype, p2_stats):
     """Shard-local [N, 6]: max, S0..S3 relative to the local max, and the target logit (0 off-shard)."""
     n = logits.shape[0]
-    out = torch.zeros(n, _N_STATS, dtype=acc_dtype, device=logits.device)
     if n_valid == 0:
-        # A shard made only of padding: a finite "max" keeps the merge free of inf * 0.
-        out[:, 0] = torch.finfo(acc_dtype).min
-        return out
+        return padding_only_stats(n, acc_dtype, logits.device)
+    out = torch.zeros(n, _N_STATS, dtype=acc_dtype, device=logits.device)
     local_t = target - vocab_start
     on_shard = (local_t >= 0) & (local_t < n_valid)
     for s in range(0, n, chunk):
@@ -262,14 +282,9 @@ def token_stats(
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token_stats: target must hold integer token ids, got {target.dtype}")
     v_local = logits.shape[-1]
-    if vocab_size is None:
-        vocab_size = v_local * world
-    if not 0 < vocab_size <= v_local * world:
-        raise ValueError(
-            f"token_stats: vocab_size={vocab_size} must be in (0, V_local * tp = {v_local} * {world}]"
-        )
+    vocab_size = check_vocab_size(vocab_size, v_local, world, "token_stats")
     if chunk_tokens is None:
-        chunk_tokens = max(1, CHUNK_BYTES // (4 * v_local))
+        chunk_tokens = default_chunk_tokens(v_local)
     if chunk_tokens < 1:
         raise ValueError(f"token_stats: chunk_tokens must be >= 1, got {chunk_tokens}")
     from steer_megatron.loss.kernels import select_kernel

@@ -41,6 +41,11 @@ class ActorBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def dp_slice(self, rank: int, dp: int) -> "ActorBatch":
+        """This data-parallel rank's equal share (rows past dp * (len // dp) are left out)."""
+        per = len(self) // dp
+        return self.slice(rank * per, (rank + 1) * per)
+
     def slice(self, start: int, stop: int) -> "ActorBatch":
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
                                 for f in fields(self)})

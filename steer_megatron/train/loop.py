@@ -82,9 +82,7 @@ def train(cfg: RunConfig) -> Path:
             batch = control.broadcast(driver.rollout_batch(step) if driver else None)
             timing = {"timing/rollout_s": time.perf_counter() - t0}
 
-            per_rank = len(batch) // dp
-            rank = ps.get_data_parallel_rank()
-            local = batch.slice(rank * per_rank, (rank + 1) * per_rank)
+            local = batch.dp_slice(ps.get_data_parallel_rank(), dp)
             t1 = time.perf_counter()
             local.old_log_prob, local.old_entropy = actor.compute_log_probs(local)
             timing["timing/old_logprob_s"] = time.perf_counter() - t1

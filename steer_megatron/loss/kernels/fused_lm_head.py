@@ -25,7 +25,10 @@ from steer_megatron.loss.token_stats import (
     _raise_on_bad_values,
     _tp_rank_world,
     _valid_columns,
+    check_vocab_size,
+    default_chunk_tokens,
     merge_across_ranks,
+    padding_only_stats,
 )
 
 BLOCK_BYTES = 64 << 20  # one [N, block] logits block
@@ -44,7 +47,7 @@ def _block_stats(z, target, n_valid, start, kernel, p2, acc):
         from steer_megatron.loss.kernels import triton_stats
 
         return triton_stats.local_stats(z, target, n_valid, start, p2)
-    return _local_stats(z, target, n_valid, start, max(1, (64 << 20) // (4 * z.shape[1])), acc, p2)
+    return _local_stats(z, target, n_valid, start, default_chunk_tokens(z.shape[1]), acc, p2)
 
 
 def _block_grad(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, kernel):
@@ -53,8 +56,7 @@ def _block_grad(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, ke
         from steer_megatron.loss.kernels import triton_stats
 
         return triton_stats.grad_logits(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, z)
-    chunk = max(1, (64 << 20) // (4 * z.shape[1]))
-    return _grad_torch(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, chunk, z)
+    return _grad_torch(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, default_chunk_tokens(z.shape[1]), z)
 
 
 class _FusedLinearTokenStats(torch.autograd.Function):
@@ -72,9 +74,8 @@ class _FusedLinearTokenStats(torch.autograd.Function):
             part = _block_stats(z, target, c1 - c0, rank * v_local + c0, kernel, p2_stats, acc)
             running = part if running is None else _combine(torch.stack([running, part]))
             del z
-        if running is None:  # a shard of padding only, as token_stats' PyTorch path
-            running = torch.zeros(n, 6, dtype=acc, device=hidden.device)
-            running[:, 0] = torch.finfo(acc).min
+        if running is None:
+            running = padding_only_stats(n, acc, hidden.device)
         log_z, entropy, sum_p2, sum_p2_logp, z_target = merge_across_ranks(running, tp_group)
         if check_inputs:
             _raise_on_bad_values(log_z, target, vocab_size)
@@ -145,11 +146,7 @@ def fused_linear_token_stats(
     if tuple(target.shape) != lead:
         raise ValueError(f"fused_linear_token_stats: target shape {tuple(target.shape)} must equal hidden's "
                          f"leading dims {lead}")
-    v_local = weight.shape[0]
-    if vocab_size is None:
-        vocab_size = v_local * world
-    if not 0 < vocab_size <= v_local * world:
-        raise ValueError(f"fused_linear_token_stats: vocab_size={vocab_size} must be in (0, {v_local} * {world}]")
+    vocab_size = check_vocab_size(vocab_size, weight.shape[0], world, "fused_linear_token_stats")
     flat = hidden.reshape(-1, hidden.shape[-1])
     bv = _block_cols(flat.shape[0], flat.element_size(), block_v)
     if bv < 1:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from steer_megatron.loss.token_stats import padding_only_stats
+
 # Tile sizes: a bf16 row tile of 4096 is 8 KiB, 16 values per thread at 8 warps. Overridable
 # for tuning on a GPU without code changes.
 BLOCK = int(os.environ.get("STEER_TRITON_BLOCK", "4096"))
@@ -113,10 +115,8 @@ def local_stats(logits: torch.Tensor, target: torch.Tensor, n_valid: int, vocab_
     n = logits.shape[0]
     if out is None:
         out = torch.empty(n, 6, dtype=torch.float32, device=logits.device)
-    if n_valid == 0:  # a shard of padding only: finite "max", zero sums (as the PyTorch path)
-        out.zero_()
-        out[:, 0] = torch.finfo(torch.float32).min
-        return out
+    if n_valid == 0:
+        return out.copy_(padding_only_stats(n, torch.float32, logits.device))
     if n:
         _stats_fwd_kernel[(n,)](logits, logits.stride(0), target.contiguous(), out, n_valid, vocab_start,
                                 P2=bool(p2_stats), BLOCK_V=_block(n_valid, block), M_INIT=_M_INIT,
