@@ -85,3 +85,56 @@ def test_tp2_updates_decrease_loss_and_move_logprobs_with_advantage():
     (losses, dlogp, adv), _ = spawn_ranks(tp_worker, 2, 4)
     assert losses[-1] < losses[0]
     assert (dlogp[adv > 0].mean() > 0) and (dlogp[adv < 0].mean() < 0)
+
+
+def fused_worker(tp, tie, full):
+    """Same weights, same batch: one update with the logits path and one with fused_lm_head."""
+    from megatron.core import parallel_state as ps
+
+    init_parallel(ParallelLayout(tp=tp), seed=3)
+    rank = ps.get_tensor_model_parallel_rank()
+    out = {}
+    for fused in (False, True):
+        model = build_tiny_gpt(tp, VOCAB, tie=tie)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(shard(n, full[n], tp, rank))
+        ddp, opt, sched = wrap_for_training(model, OptimSettings(lr=1.0, weight_decay=0.0, clip_grad=0.0, adam_eps=1.0))
+        actor = MegatronActor(ddp, opt, ActorConfig(vocab_size=VOCAB, micro_batch_size=2, mini_batch_size=8,
+                                                    loss=PolicyLossConfig(), fused_lm_head=fused), sched)
+        batch = _batch()
+        batch.old_log_prob, batch.old_entropy = actor.compute_log_probs(batch)
+        metrics = actor.update(batch)
+        out[fused] = (batch.old_log_prob, batch.old_entropy, metrics,
+                      {n: p.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def full_weights_worker(tie):
+    init_parallel(ParallelLayout(), seed=11)
+    return {n: p.detach().clone() for n, p in build_tiny_gpt(1, VOCAB, tie=tie).named_parameters()}
+
+
+def _check_fused_matches(results):
+    for out in results:
+        lp0, h0, m0, w0 = out[False]
+        lp1, h1, m1, w1 = out[True]
+        torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+        assert abs(m1["pg_loss"] - m0["pg_loss"]) < 1e-5 and abs(m1["grad_norm"] - m0["grad_norm"]) < 1e-4 * m0["grad_norm"]
+        for name in w0:  # the updates, weight by weight (output layer and the layers below it)
+            torch.testing.assert_close(w1[name], w0[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert m0["grad_norm"] > 0
+
+
+def test_fused_lm_head_update_equals_logits_path_tp2():
+    """TP=2 with a padded vocab (150 of 256 columns): the fused head's statistics, loss, gradient
+    norm and updated weights equal the logits path's, so the grad of the hidden states is summed
+    over the vocab shards exactly once."""
+    full = spawn_ranks(full_weights_worker, 1, False)[0]
+    _check_fused_matches(spawn_ranks(fused_worker, 2, 2, False, full))
+
+
+def test_fused_lm_head_update_equals_logits_path_tied_embeddings():
+    full = spawn_ranks(full_weights_worker, 1, True)[0]
+    _check_fused_matches(spawn_ranks(fused_worker, 1, 1, True, full))

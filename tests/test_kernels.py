@@ -77,5 +77,29 @@ def test_config_keys():
     validate_config(load_config(None, ["algorithm.loss_kernel=torch"]), check_paths=False)
     with pytest.raises(ConfigError, match="algorithm.loss_kernel"):
         validate_config(load_config(None, ["algorithm.loss_kernel=cuda"]), check_paths=False)
+    validate_config(load_config(None, ["algorithm.fused_lm_head=true"]), check_paths=False)
     with pytest.raises(ConfigError, match="fused_lm_head"):
-        validate_config(load_config(None, ["algorithm.fused_lm_head=true"]), check_paths=False)
+        validate_config(load_config(None, ["algorithm.fused_lm_head=true", "parallel.tp=2",
+                                           "parallel.sequence_parallel=true"]), check_paths=False)
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 1000], ids=["chunks", "uneven", "one_chunk"])
+def test_fused_token_loss_float64_exact(chunk):
+    """Gradients made in forward, chunk by chunk, equal the unfused float64 loss to rounding."""
+    K.check_fused_token_loss("cpu", 37, 24, 300, 384, torch.float64, seed=chunk, chunk=chunk, kernel="torch", rel=1e-10)
+
+
+def test_fused_token_loss_bf16_torch_kernel():
+    K.check_fused_token_loss("cpu", 37, 24, 300, 384, torch.bfloat16, seed=3, chunk=8, kernel="torch", rel=2e-2)
+
+
+def test_fused_token_loss_rejects_non_scalar_and_bad_shapes():
+    from steer_megatron.loss import fused_linear_token_loss
+
+    h, w, t = torch.randn(4, 8), torch.randn(16, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="scalar"):
+        fused_linear_token_loss(h.requires_grad_(), w, t, lambda st, rows: st.logprob)
+    with pytest.raises(ValueError, match="target shape"):
+        fused_linear_token_loss(h, w, t[:3], lambda st, rows: st.logprob.sum())
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        fused_linear_token_loss(h, w, t, lambda st, rows: st.logprob.sum(), chunk_tokens=0)

@@ -40,6 +40,11 @@ def test_forward(vocab, v_pad, dtype, block):
     K.check_forward(DEV, 300, vocab, v_pad, dtype, seed=SEED, block=block, rel=1e-4)
 
 
+@pytest.mark.parametrize("rows", [2, 4])
+def test_forward_several_rows_per_program(rows):
+    K.check_forward(DEV, 301, 37_595, 38_016, torch.bfloat16, seed=SEED + 6, block=2048, rel=1e-4, rows=rows)
+
+
 @pytest.mark.parametrize("vocab,v_pad", SHAPES, ids=["V152064", "V38016"])
 @pytest.mark.parametrize("use_lp,use_h", [(True, True), (True, False), (False, True)])
 def test_backward(vocab, v_pad, use_lp, use_h):
@@ -55,6 +60,12 @@ def test_autograd_end_to_end(inplace, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_fused_lm_head(dtype):
     K.check_fused_lm_head(DEV, 1000, 512, 30_000, 30_080, dtype, seed=SEED + 3, block_v=4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_token_loss(dtype):
+    K.check_fused_token_loss(DEV, 1000, 512, 30_000, 30_080, dtype, seed=SEED + 5, chunk=256,
+                             rel=1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def test_fused_lm_head_torch_kernel_on_cuda():

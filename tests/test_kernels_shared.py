@@ -28,13 +28,13 @@ def _close(got, want, rel, what):
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel * scale:.3g}"
 
 
-def check_forward(device, n, vocab, v_pad, dtype, seed, block=None, p2=True, rel=2e-5):
+def check_forward(device, n, vocab, v_pad, dtype, seed, block=None, p2=True, rel=2e-5, rows=None):
     """Kernel partial stats -> merge vs the float64 dense reference and the PyTorch path."""
     from steer_megatron.loss.kernels import triton_stats
 
     logits, target = make_logits(n, v_pad, vocab, dtype, device, seed)
     out = torch.full((n, 6), float("nan"), dtype=torch.float32, device=device)
-    local = triton_stats.local_stats(logits, target, vocab, 0, p2, block=block, out=out)
+    local = triton_stats.local_stats(logits, target, vocab, 0, p2, block=block, out=out, rows=rows)
     assert local.data_ptr() == out.data_ptr()
     log_z, ent, p2s, p2l, zt = _merge(local[None])
     got = dict(zip(FIELDS, (zt - log_z, ent, p2s, p2l)))
@@ -127,4 +127,54 @@ def check_fused_lm_head(device, n, hid, vocab, v_pad, dtype, seed, block_v, kern
         # bf16: the reference rounds the full logit gradient to bf16 before its matmuls, the fused
         # path rounds per block; a few bf16 ulps of the largest entry apart
         tol = (2.0 ** -5 if low else 1e-4) * max(want.abs().max().item(), 1e-3)
+        assert torch.isfinite(got).all() and err <= tol, f"{what}: {err:.3g} > {tol:.3g}"
+
+
+def steer_like_token_loss(n, seed, device):
+    """A per-token loss shaped like the policy losses: clipped-ratio surrogate with advantages and
+    old log-probs, a weight made from the detached sum p^2 (as STEER's are), and an entropy bonus.
+    Returns (token_loss(stats, rows) for the fused path, the same loss on whole TokenStats)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    adv = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    old = (-torch.rand(n, generator=g, dtype=torch.float64) * 6).to(device)
+    mask = (torch.rand(n, generator=g) > 0.2).to(device)
+    denom = mask.sum().clamp(min=1)
+
+    def per_token(st, rows):
+        lp, ent = st.logprob.double(), st.entropy.double()
+        ratio = torch.exp(lp - old[rows])
+        surr = torch.minimum(ratio * adv[rows], ratio.clamp(0.8, 1.2) * adv[rows])
+        weight = (1.0 - st.sum_p2.double()).detach()
+        terms = -(weight * surr) - 1e-2 * ent
+        return (terms * mask[rows]).sum() / denom
+
+    return per_token, (lambda st: per_token(st, slice(0, n)))
+
+
+def check_fused_token_loss(device, n, hid, vocab, v_pad, dtype, seed, chunk, kernel="triton", rel=1e-4):
+    """fused_linear_token_loss (gradients made in forward, chunk by chunk) vs token_stats on the
+    materialised logits and the same loss: loss, statistics and both gradients, NaN-free."""
+    from steer_megatron.loss import fused_linear_token_loss
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = torch.randn(n, hid, generator=g).to(dtype).to(device)
+    w = (torch.randn(v_pad, hid, generator=g) / math.sqrt(hid) * 3).to(dtype).to(device)
+    target = torch.randint(0, vocab, (n,), generator=g).to(device)
+    fused_fn, whole_fn = steer_like_token_loss(n, seed + 1, device)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, st = fused_linear_token_loss(h1, w1, target, fused_fn, vocab_size=vocab, chunk_tokens=chunk, kernel=kernel)
+    (2.0 * loss).backward()  # a non-unit upstream gradient must scale both stored gradients
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = token_stats(h2 @ w2.t(), target, vocab_size=vocab, kernel="torch")
+    ref_loss = whole_fn(ref)
+    (2.0 * ref_loss).backward()
+    _close(loss.detach(), ref_loss.detach().double(), rel, "fused token loss")
+    for f in FIELDS:
+        _close(getattr(st, f), getattr(ref, f).double().detach(), 5e-5, f"fused-loss {f}")
+    assert torch.all(w1.grad[vocab:] == 0), "padded weight rows must get zero gradient"
+    low = dtype in (torch.bfloat16, torch.float16)
+    for got, want, what in ((h1.grad, h2.grad, "grad hidden"), (w1.grad, w2.grad, "grad weight")):
+        err = (got.double() - want.double()).abs().max().item()
+        # bf16: grad_W is accumulated chunk by chunk in bf16 (see fused_linear_token_loss)
+        tol = (2.0 ** -4 if low else rel) * max(want.abs().max().item(), 1e-3)
         assert torch.isfinite(got).all() and err <= tol, f"{what}: {err:.3g} > {tol:.3g}"

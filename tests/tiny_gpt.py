@@ -6,7 +6,7 @@ from steer_megatron.loss import padded_vocab_size
 HIDDEN, HEADS, GROUPS, FFN = 64, 4, 2, 96
 
 
-def build_tiny_gpt(tp: int, vocab: int, layers: int = 2, pp: int = 1):
+def build_tiny_gpt(tp: int, vocab: int, layers: int = 2, pp: int = 1, tie: bool = False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -19,7 +19,7 @@ def build_tiny_gpt(tp: int, vocab: int, layers: int = 2, pp: int = 1):
     )
     return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=padded_vocab_size(vocab, tp),
                     max_sequence_length=64, position_embedding_type="rope", rotary_base=10000,
-                    share_embeddings_and_output_weights=False)
+                    share_embeddings_and_output_weights=tie)
 
 
 def shard(name, full, tp, rank):

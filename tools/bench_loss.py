@@ -143,11 +143,11 @@ def _copy_bandwidth(device) -> float:
 # --------------------------------------------------------------------------------------------
 # --device cuda: the GPU suite of issue #8, one process, floors measured in the same run
 
-GPU_CASES = (
-    "steer_triton", "steer_triton_inplace", "steer_torch", "plain_pytorch", "torch_compile",
-    "megatron_vocab_parallel_ce", "liger_ce",
+GPU_CASES = (  # torch_compile last: its compile is the slowest part of a run
+    "steer_triton", "steer_triton_inplace", "steer_torch", "plain_pytorch",
+    "megatron_vocab_parallel_ce", "liger_ce", "torch_compile",
 )
-LMHEAD_CASES = ("steer_fused_lm_head", "lmhead_steer_triton", "liger_fused_linear_ce")
+LMHEAD_CASES = ("steer_fused_token_loss", "steer_fused_lm_head", "lmhead_steer_triton", "liger_fused_linear_ce")
 GPU_SIZES = ["4096x152064", "4096x38016", "16384x152064", "16384x38016"]
 
 
@@ -234,8 +234,16 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _gpu_lmhead_case(case, hidden, weight, target, w):
-    if case == "steer_fused_lm_head":
+def _gpu_lmhead_case(case, hidden, weight, target, w, chunk=None):
+    if case == "steer_fused_token_loss":
+        from steer_megatron.loss import fused_linear_token_loss
+
+        def token_loss(st, rows):  # the same loss as every other case, one token chunk at a time
+            return (w[rows] * st.logprob).sum() + 1e-3 * st.entropy.sum()
+
+        def fn():
+            fused_linear_token_loss(hidden, weight, target, token_loss, chunk_tokens=chunk, check_inputs=False)[0].backward()
+    elif case == "steer_fused_lm_head":
         from steer_megatron.loss import fused_linear_token_stats
 
         def fn():
@@ -280,7 +288,22 @@ def _measure(make, leaves, rep_ms):
     return _bench_ms(step, rep_ms), peak
 
 
-def _gpu_row(row, make, leaves, rep_ms):
+def _graph_ms(make, leaves, rep_ms):
+    """Median ms of the same step replayed as a CUDA graph: device time without the host's
+    launch overhead (which eager timing includes whenever the host is the slower side)."""
+    from triton.testing import do_bench_cudagraph
+
+    fn = make()
+
+    def step():
+        fn()
+        for t in leaves:
+            t.grad = None
+
+    return do_bench_cudagraph(step, rep=rep_ms, return_mode="median")
+
+
+def _gpu_row(row, make, leaves, rep_ms, graph=False):
     import torch
 
     try:
@@ -288,6 +311,12 @@ def _gpu_row(row, make, leaves, rep_ms):
         row.update(ms=round(ms, 3), peak_extra_GiB=round(peak, 3), x_floor=round(ms / row["floor_ms"], 3))
     except Exception as e:  # noqa: BLE001 - a case that cannot run (OOM, missing wheel) is a row
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+    if graph and "ms" in row:
+        try:
+            g_ms = _graph_ms(make, leaves, rep_ms)
+            row.update(graph_ms=round(g_ms, 3), x_floor_graph=round(g_ms / row["floor_ms"], 3))
+        except Exception as e:  # noqa: BLE001 - e.g. a case that syncs with the host cannot be captured
+            row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     for t in leaves:
         t.grad = None
     torch.cuda.synchronize()
@@ -318,19 +347,28 @@ def gpu_main(args):
     print(json.dumps(info), flush=True)
     rows, state = [], {}
     elem = torch.empty((), dtype=dtype).element_size()
-    for size in sizes:
-        n, v = (int(x) for x in size.lower().split("x"))
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        logits = (torch.randn(n, v, device="cuda", generator=gen) * 3).to(dtype).requires_grad_()
-        target = torch.randint(0, v, (n,), device="cuda", generator=gen)
-        w = torch.randn(n, device="cuda", generator=gen)
-        floor_ms = 3 * n * v * elem / bw * 1e3  # read forward; read + write the gradient backward
-        for case in cases:
+
+    def record(row):  # rewritten after every row: a part killed by its time limit keeps what it measured
+        rows.append(row)
+        if args.json:
+            args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+    # case-major with fresh inputs per case: in-place cases overwrite the logits, and our cases run
+    # before megatron-core and liger are imported or initialised in this process
+    for case in cases:
+        for size in sizes:
+            n, v = (int(x) for x in size.lower().split("x"))
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            logits = (torch.randn(n, v, device="cuda", generator=gen) * 3).to(dtype).requires_grad_()
+            target = torch.randint(0, v, (n,), device="cuda", generator=gen)
+            w = torch.randn(n, device="cuda", generator=gen)
+            floor_ms = 3 * n * v * elem / bw * 1e3  # read forward; read + write the gradient backward
             row = {"case": case, "N": n, "V": v, "floor_ms": round(floor_ms, 3),
                    "grad_GiB": round(n * v * elem / 2**30, 3)}
-            rows.append(_gpu_row(row, lambda: _gpu_logits_case(case, logits, target, w, state), [logits], args.rep_ms))
-        del logits
-        torch.cuda.empty_cache()
+            record(_gpu_row(row, lambda: _gpu_logits_case(case, logits, target, w, state), [logits], args.rep_ms,
+                            graph=args.graph))
+            del logits
+            torch.cuda.empty_cache()
     for spec in lmheads:
         n, h, v = (int(x) for x in spec.lower().split("x"))
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -340,26 +378,29 @@ def gpu_main(args):
         w = torch.randn(n, device="cuda", generator=gen)
         floor_ms = 6 * n * h * v / tf * 1e3
         for case in lm_cases:
-            row = {"case": case, "N": n, "H": h, "V": v, "floor_ms": round(floor_ms, 3),
-                   "floor_8NHV_ms": round(floor_ms * 8 / 6, 3)}
-            rows.append(_gpu_row(row, lambda: _gpu_lmhead_case(case, hidden, weight, target, w),
-                                 [hidden, weight], args.rep_ms))
+            for chunk in (args.token_chunks if case == "steer_fused_token_loss" else [None]):
+                chunk = chunk or None  # 0: the function's default chunk
+                label = case if case != "steer_fused_token_loss" else f"{case}@{chunk or 'default'}"
+                row = {"case": label, "N": n, "H": h, "V": v,
+                       "floor_ms": round(floor_ms, 3), "floor_8NHV_ms": round(floor_ms * 8 / 6, 3)}
+                record(_gpu_row(row, lambda: _gpu_lmhead_case(case, hidden, weight, target, w, chunk),
+                                [hidden, weight], args.rep_ms))
         del hidden, weight
         torch.cuda.empty_cache()
     _gpu_table(info, rows)
-    if args.json:
-        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     return rows
 
 
 def _gpu_table(info, rows):
     print(f"\n{info['device']}: copy {info['copy_TBps']} TB/s, bf16 matmul {info['bf16_TFLOPs']} TFLOP/s "
           "(floors measured in this run; LM-head floor = 6 N H V at that rate)")
-    print(f"{'case':28s} {'N':>6s} {'H':>5s} {'V':>7s} {'ms':>9s} {'x floor':>8s} {'peak GiB':>9s} {'grad GiB':>9s}")
+    print(f"{'case':28s} {'N':>6s} {'H':>5s} {'V':>7s} {'ms':>9s} {'x floor':>8s} {'graph ms':>9s} {'x floor':>8s} "
+          f"{'peak GiB':>9s} {'grad GiB':>9s}")
     for r in rows:
         head = f"{r['case']:28s} {r['N']:6d} {r.get('H', 0) or '':>5} {r['V']:7d}"
         if "ms" in r:
-            print(f"{head} {r['ms']:9.2f} {r['x_floor']:8.2f} {r['peak_extra_GiB']:9.3f} {r.get('grad_GiB', ''):>9}")
+            print(f"{head} {r['ms']:9.2f} {r['x_floor']:8.2f} {r.get('graph_ms', ''):>9} {r.get('x_floor_graph', ''):>8} "
+                  f"{r['peak_extra_GiB']:9.3f} {r.get('grad_GiB', ''):>9}")
         else:
             print(f"{head}  error: {r['error']}")
 
@@ -384,6 +425,10 @@ def main(argv=None):
     ap.add_argument("--lmhead", nargs="*", default=None,
                     help="cuda: NxHxV LM-head cases (default 16384x3584x152064; none to skip)")
     ap.add_argument("--rep-ms", type=float, default=200.0, help="cuda: do_bench time budget per case")
+    ap.add_argument("--graph", action="store_true",
+                    help="cuda: also time each logits case replayed as a CUDA graph (device time, no launch overhead)")
+    ap.add_argument("--token-chunks", type=int, nargs="+", default=[1024, 1280],
+                    help="cuda: token chunks tried for steer_fused_token_loss (one row each; 0 = its default)")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         return gpu_main(args)

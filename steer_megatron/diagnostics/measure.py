@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 
 from steer_megatron.diagnostics.entropy_change import EntropyChangeData, analyze, flat_metrics, omega_forms
-from steer_megatron.loss import token_stats
 from steer_megatron.train.actor import ActorBatch, MegatronActor
 
 
@@ -99,10 +98,9 @@ def _full_stats(actor: MegatronActor, batch: ActorBatch) -> _Stats | None:
     """All four token statistics [B, L-1] in one forward pass (compute_log_probs returns two)."""
     from megatron.core import parallel_state as ps
 
-    def loss_func(mb, logits):
-        st = token_stats(logits[:, :-1], mb.input_ids[:, 1:], vocab_size=actor.cfg.vocab_size,
-                         tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=actor.cfg.chunk_tokens, p2_stats=True)
-        return logits.new_zeros(()), dataclasses.asdict(_Stats(st.logprob, st.entropy, st.sum_p2, st.sum_p2_logp))
+    def loss_func(mb, output):
+        st = actor._stats(output, mb, p2_stats=True)  # the actor's own path: logits or fused LM head
+        return output.new_zeros(()), dataclasses.asdict(_Stats(st.logprob, st.entropy, st.sum_p2, st.sum_p2_logp))
 
     actor.model.eval()
     # The actor's own schedule: same micro-batching and pipeline path as the training passes.

@@ -12,7 +12,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from steer_megatron.loss import PolicyLossConfig, PolicyLossInputs, get_policy_loss, token_stats
+from steer_megatron.loss import (
+    PolicyLossConfig,
+    PolicyLossInputs,
+    TokenStats,
+    fused_linear_token_stats,
+    get_policy_loss,
+    token_stats,
+)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class ActorConfig:
     loss: PolicyLossConfig = PolicyLossConfig()
     chunk_tokens: int | None = None
     loss_kernel: str = "auto"  # auto | torch | triton (steer_megatron.loss.kernels)
+    fused_lm_head: bool = False  # statistics from hidden states x output weight; logits never whole
 
     def __post_init__(self):
         if self.mini_batch_size % self.micro_batch_size:
@@ -75,18 +83,63 @@ def _is_last_stage() -> bool:
     return ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
+class _HiddenStatesTap:
+    """Forward pre-hook on megatron's output layer (algorithm.fused_lm_head): keeps the final-norm
+    hidden states [s, b, H] for the fused loss and hands the layer a zero-length sequence, so the
+    [s, b, V_local] logits are never computed. Uses torch's public hook API on our model
+    instance; megatron's code is unchanged."""
+
+    def __init__(self):
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, module, args, kwargs):
+        self.hidden = args[0]
+        return (args[0][:0],) + tuple(args[1:]), kwargs
+
+    def take(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("fused_lm_head: the output layer did not run before the loss")
+        return hidden
+
+
 class MegatronActor:
     def __init__(self, model: torch.nn.Module, optimizer, cfg: ActorConfig, scheduler=None):
         self.model, self.optimizer, self.cfg, self.scheduler = model, optimizer, cfg, scheduler
         self.loss_fn = get_policy_loss(cfg.policy_loss)
+        self._tap = None
+        if cfg.fused_lm_head and _is_last_stage():
+            from steer_megatron.models.hf_import import unwrap
+
+            gpt = unwrap(model)
+            if gpt.output_layer.sequence_parallel:
+                raise ValueError("fused_lm_head does not support sequence parallelism yet; set parallel.sequence_parallel=false")
+            self._tap = _HiddenStatesTap()
+            gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
+            self._gpt = gpt
 
     # -- statistics ---------------------------------------------------------------------------
-    def _stats(self, logits: torch.Tensor, mb: ActorBatch, p2_stats: bool):
+    def _stats(self, output: torch.Tensor, mb: ActorBatch, p2_stats: bool) -> TokenStats:
+        """Token statistics of a micro-batch from the model's output: logits [b, s, V_local], or
+        with fused_lm_head the hidden states kept by the output layer's hook."""
         from megatron.core import parallel_state as ps
 
-        return token_stats(logits[:, :-1], mb.input_ids[:, 1:], vocab_size=self.cfg.vocab_size,
-                           tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=self.cfg.chunk_tokens,
-                           p2_stats=p2_stats, kernel=self.cfg.loss_kernel)
+        tp_group = ps.get_tensor_model_parallel_group()
+        target = mb.input_ids[:, 1:]
+        if self._tap is None:
+            return token_stats(output[:, :-1], target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
+                               chunk_tokens=self.cfg.chunk_tokens, p2_stats=p2_stats, kernel=self.cfg.loss_kernel)
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        hidden = self._tap.take().transpose(0, 1)[:, :-1]  # [s, b, H] -> [b, s - 1, H]
+        # what ColumnParallelLinear does to its input: identity forward, grad all-reduced over TP
+        # (each rank's fused backward holds only its vocab shard's part of d loss / d hidden)
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+        gpt = self._gpt
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
+            else gpt.output_layer.weight
+        return fused_linear_token_stats(hidden, weight, target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
+                                        kernel=self.cfg.loss_kernel, p2_stats=p2_stats)
 
     def run_schedule(self, batch: ActorBatch, loss_func, forward_only: bool):
         """megatron's forward/backward schedule over micro-batches of `batch`."""

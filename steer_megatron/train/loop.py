@@ -59,7 +59,8 @@ def train(cfg: RunConfig) -> Path:
     actor = MegatronActor(ddp, optimizer, ActorConfig(
         vocab_size=vocab.size, micro_batch_size=cfg.trainer.micro_batch_size,
         mini_batch_size=cfg.trainer.mini_batch_size * n // dp, ppo_epochs=cfg.trainer.ppo_epochs,
-        policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg), loss_kernel=cfg.algorithm.loss_kernel), scheduler)
+        policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg), loss_kernel=cfg.algorithm.loss_kernel,
+        fused_lm_head=cfg.algorithm.fused_lm_head), scheduler)
     start_step, sampler_state, diag_state = 0, None, None
     if latest:  # same data order, RNG, optimizer, LR schedule and diagnostics as if never stopped
         meta = load_checkpoint(latest, ddp, optimizer)

@@ -4,7 +4,9 @@
   backward (one pass writing the logit gradient, in place when allowed). The cross-rank merge is
   token_stats' own (one all-gather of [N, 6]), so both paths share it.
 - fused_lm_head: hidden states x the vocab-parallel output weight -> the same statistics, logits
-  computed block by block and never stored whole (recomputed in backward).
+  computed block by block and never stored whole: fused_linear_token_stats (any loss; logits
+  recomputed in backward, 8 N H V) and fused_linear_token_loss (a per-token loss evaluated chunk by
+  chunk, gradients made in forward, 6 N H V).
 
 Selection ("auto"): the Triton path for bf16/fp16/fp32 CUDA tensors when triton imports, PyTorch
 everywhere else. CPU tensors never import triton under "auto", so CPU runs are unchanged. Asking
@@ -69,8 +71,8 @@ def select_kernel(kernel: str, x: torch.Tensor) -> str:
 
 
 def __getattr__(name):  # lazy: importing this package must not import triton
-    if name == "fused_linear_token_stats":
-        from steer_megatron.loss.kernels.fused_lm_head import fused_linear_token_stats
+    if name in ("fused_linear_token_stats", "fused_linear_token_loss"):
+        from steer_megatron.loss.kernels import fused_lm_head
 
-        return fused_linear_token_stats
+        return getattr(fused_lm_head, name)
     raise AttributeError(name)

@@ -10,10 +10,19 @@ weight gradient) and adds G @ W_block into an fp32 grad_hidden accumulator, toke
 chunk. Extra memory: grad_W (V_local x H) + fp32 [N, H] + one [N, block] logits block.
 
 Matmul work: 2 N H V forward + 6 N H V backward (recompute + two gradient products) = 8 N H V,
-1.33x the 6 N H V of a pass that stores the logits: the recompute is the price of not storing them,
-since the STEER loss only knows d loss / d logp after all tokens' statistics exist.
+1.33x the 6 N H V of a pass that stores the logits: the recompute is the price of not storing them
+when the loss needs every token's statistics before it knows d loss / d logp.
+
+fused_linear_token_loss removes the recompute for losses that are a sum of per-token terms (the
+policy losses here are: advantages, old log-probs, STEER weights and the aggregation normalisers
+are all fixed before the step). It walks token chunks once: logits of the chunk, statistics, the
+chunk's loss and its d loss / d(logp, H) by autograd on [chunk] tensors, the logit gradient in
+place, then grad_hidden[chunk] = G W and grad_W += G^T hidden[chunk]: 6 N H V in all, and the
+backward only scales the stored gradients by the incoming scalar.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -156,3 +165,123 @@ def fused_linear_token_stats(
         select_kernel(kernel, flat), bool(p2_stats), bool(check_inputs),
     )
     return TokenStats(*(o.reshape(lead) for o in out))
+
+
+# one [chunk, V_local] logits block of fused_linear_token_loss: 1,152 tokens of a 152k bf16 vocab.
+# Bigger chunks run the gradient matmuls faster and read-modify-write the weight gradient fewer
+# times, but each chunk's logits count against the memory budget. Measured on an H200
+# (docs/benchmarks.md): 1,024 tokens 93 ms, 1,152 to 1,536 tokens 89-90 ms, at 1.42-1.56 GiB.
+TOKEN_LOSS_CHUNK_BYTES = 352 << 20
+
+
+class _FusedLinearTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, token_loss, vocab_size, tp_group, chunk, kernel, check_inputs):
+        rank, _ = _tp_rank_world(tp_group)
+        n, v_local = hidden.shape[0], weight.shape[0]
+        n_valid = _valid_columns(vocab_size, v_local, rank)
+        start = rank * v_local
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # accumulated chunk after chunk in the weight's dtype: an fp32 copy of a 7B model's LM-head
+        # gradient would be 2 GiB, more than everything else here together
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        outs = []
+        for c0 in range(0, n, chunk):
+            x = hidden[c0 : c0 + chunk]
+            tgt = target[c0 : c0 + chunk]
+            # all V_local columns, padding too: keeps the row stride a multiple of 16 bytes (vector
+            # loads in the kernels) for +0.3% matmul work; the kernels mask the padding
+            z = x @ weight.t()
+            local = (_block_stats(z, tgt, n_valid, start, kernel, True, acc) if n_valid
+                     else padding_only_stats(x.shape[0], acc, x.device))
+            log_z, entropy, sum_p2, sum_p2_logp, z_target = merge_across_ranks(local, tp_group)
+            if check_inputs:
+                _raise_on_bad_values(log_z, tgt, vocab_size)
+            with torch.enable_grad():
+                lp = (z_target - log_z).requires_grad_()
+                ent = entropy.clone().requires_grad_()
+                loss = token_loss(TokenStats(lp, ent, sum_p2, sum_p2_logp), slice(c0, c0 + x.shape[0]))
+                if loss.dim() != 0:
+                    raise ValueError(f"fused_linear_token_loss: token_loss must return a scalar, got {tuple(loss.shape)}")
+                g_lp, g_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
+            total += loss.detach().to(acc)
+            outs.append(torch.stack([lp.detach(), entropy, sum_p2, sum_p2_logp]))
+            if n_valid and (g_lp is not None or g_ent is not None):
+                g = _block_grad(z, tgt, log_z, entropy, g_lp, g_ent, n_valid, start, kernel)  # in place
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[c0 : c0 + chunk])
+                if need_w:
+                    grad_w.addmm_(g.t(), x)
+                del g  # the same storage as z
+            elif need_h:
+                grad_h[c0 : c0 + chunk].zero_()
+            del z  # before the next chunk's logits are allocated
+        # held on ctx, not saved tensors: backward scales them in place and hands them over, so the
+        # 1 GiB weight gradient of a 7B LM head is never copied
+        ctx.grads = (grad_h, grad_w)
+        stats = torch.cat(outs, dim=1) if outs else torch.zeros(4, 0, dtype=acc, device=hidden.device)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, g_total, _g_stats):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_token_loss: backward ran twice; its gradients were made in forward "
+                               "and handed over by the first backward")
+        grads, ctx.grads = ctx.grads, None
+        out = [None if g is None else g.mul_(g_total.to(g.dtype)) for g in grads]
+        return (*out, None, None, None, None, None, None, None)
+
+
+def fused_linear_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    token_loss: Callable[[TokenStats, slice], torch.Tensor],
+    *,
+    vocab_size: int | None = None,
+    tp_group=None,
+    chunk_tokens: int | None = None,
+    kernel: str = "auto",
+    check_inputs: bool = True,
+) -> tuple[torch.Tensor, TokenStats]:
+    """A per-token loss straight from hidden states and the output weight, gradients computed in
+    the forward pass (6 N H V matmul work, logits never held beyond one token chunk).
+
+    token_loss(stats, rows) -> scalar: the loss of the tokens `rows` (a slice of the flattened
+        tokens) from their TokenStats (logprob and entropy carry gradients). It must be a SUM of
+        per-token terms: anything that couples tokens (a normaliser, a mean) must be fixed
+        beforehand and captured by the closure, since it sees one chunk at a time.
+    hidden: [tokens, H] or [s, b, H] for the whole sequence; weight: [V_local, H] (Megatron layout).
+    chunk_tokens: tokens per chunk (default: at most 352 MiB of logits per chunk, a multiple of 128).
+    Returns (loss, detached TokenStats for metrics). Under tensor parallelism the returned
+    grad_hidden is this rank's part: all-reduce it over the TP group (Megatron's
+    copy_to_tensor_model_parallel_region before this call does exactly that in backward).
+    """
+    from steer_megatron.loss.kernels import select_kernel
+
+    _, world = _tp_rank_world(tp_group)
+    if hidden.dim() not in (2, 3) or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_token_loss: need hidden [..., H] and weight [V_local, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"fused_linear_token_loss: hidden {hidden.dtype} and weight {weight.dtype} must match")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(target.shape) != lead:
+        raise ValueError(f"fused_linear_token_loss: target shape {tuple(target.shape)} must equal hidden's "
+                         f"leading dims {lead}")
+    vocab_size = check_vocab_size(vocab_size, weight.shape[0], world, "fused_linear_token_loss")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_tokens is None:  # a multiple of 128 rows suits the matmul tiles
+        rows = TOKEN_LOSS_CHUNK_BYTES // max(1, weight.shape[0] * flat.element_size())
+        chunk_tokens = max(1, rows // 128 * 128 if rows >= 128 else rows)
+    if chunk_tokens < 1:
+        raise ValueError(f"fused_linear_token_loss: chunk_tokens must be >= 1, got {chunk_tokens}")
+    loss, stats = _FusedLinearTokenLoss.apply(
+        flat, weight, target.reshape(-1).long(), token_loss, int(vocab_size), tp_group, int(chunk_tokens),
+        select_kernel(kernel, flat), bool(check_inputs),
+    )
+    return loss, TokenStats(*(s.reshape(lead) for s in stats))
