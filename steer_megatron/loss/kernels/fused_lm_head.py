@@ -68,6 +68,20 @@ def _block_grad(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, ke
     return _grad_torch(z, target, log_z, entropy, g_logp, g_entropy, n_valid, start, default_chunk_tokens(z.shape[1]), z)
 
 
+def _check_head_inputs(hidden, weight, target, vocab_size, tp_group, who: str) -> tuple[tuple, int]:
+    """(hidden's leading dims, the real vocab size) after the checks both fused heads share."""
+    _, world = _tp_rank_world(tp_group)
+    if hidden.dim() not in (2, 3) or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{who}: need hidden [..., H] and weight [V_local, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{who}: hidden {hidden.dtype} and weight {weight.dtype} must match")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(target.shape) != lead:
+        raise ValueError(f"{who}: target shape {tuple(target.shape)} must equal hidden's leading dims {lead}")
+    return lead, check_vocab_size(vocab_size, weight.shape[0], world, who)
+
+
 class _FusedLinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, vocab_size, tp_group, block_v, kernel, p2_stats, check_inputs):
@@ -145,17 +159,7 @@ def fused_linear_token_stats(
     """
     from steer_megatron.loss.kernels import select_kernel
 
-    _, world = _tp_rank_world(tp_group)
-    if hidden.dim() not in (2, 3) or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_token_stats: need hidden [..., H] and weight [V_local, H], got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"fused_linear_token_stats: hidden {hidden.dtype} and weight {weight.dtype} must match")
-    lead = tuple(hidden.shape[:-1])
-    if tuple(target.shape) != lead:
-        raise ValueError(f"fused_linear_token_stats: target shape {tuple(target.shape)} must equal hidden's "
-                         f"leading dims {lead}")
-    vocab_size = check_vocab_size(vocab_size, weight.shape[0], world, "fused_linear_token_stats")
+    lead, vocab_size = _check_head_inputs(hidden, weight, target, vocab_size, tp_group, "fused_linear_token_stats")
     flat = hidden.reshape(-1, hidden.shape[-1])
     bv = _block_cols(flat.shape[0], flat.element_size(), block_v)
     if bv < 1:
@@ -263,17 +267,7 @@ def fused_linear_token_loss(
     """
     from steer_megatron.loss.kernels import select_kernel
 
-    _, world = _tp_rank_world(tp_group)
-    if hidden.dim() not in (2, 3) or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_token_loss: need hidden [..., H] and weight [V_local, H], got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"fused_linear_token_loss: hidden {hidden.dtype} and weight {weight.dtype} must match")
-    lead = tuple(hidden.shape[:-1])
-    if tuple(target.shape) != lead:
-        raise ValueError(f"fused_linear_token_loss: target shape {tuple(target.shape)} must equal hidden's "
-                         f"leading dims {lead}")
-    vocab_size = check_vocab_size(vocab_size, weight.shape[0], world, "fused_linear_token_loss")
+    lead, vocab_size = _check_head_inputs(hidden, weight, target, vocab_size, tp_group, "fused_linear_token_loss")
     flat = hidden.reshape(-1, hidden.shape[-1])
     if chunk_tokens is None:  # a multiple of 128 rows suits the matmul tiles
         rows = TOKEN_LOSS_CHUNK_BYTES // max(1, weight.shape[0] * flat.element_size())
