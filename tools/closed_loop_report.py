@@ -53,11 +53,11 @@ def plot(runs: dict[str, list[dict]], band: tuple[float, float], out: Path) -> N
     ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"band [{band[0]}, {band[1]}]")
     for name, rows in runs.items():
         pts = [(r["step"], r["diag/step_dH"]) for r in rows if "diag/step_dH" in r]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+        (line,) = ax.plot(*zip(*pts), marker="o", ms=3, label=name)
         for key, style in (("diag/w_min", "-"), ("diag/lr_scale", "--")):
             ctl = [(r["step"], r[key]) for r in rows if key in r]
-            if ctl:
-                ax2.plot(*zip(*ctl), style, label=f"{name}: {key.split('/')[1]}")
+            if ctl and any(v != 1.0 for _, v in ctl):  # an LR scale that never left 1 is left out
+                ax2.plot(*zip(*ctl), style, color=line.get_color(), label=f"{name}: {key.split('/')[1]}")
     ax.set_ylabel("step dH (nats/token)")
     ax.legend(fontsize=8)
     ax2.set_yscale("log")
