@@ -195,13 +195,16 @@ class DemoConfig:
 @dataclass
 class ClosedLoopConfig:
     """Move STEER's w_min each step to hold the step's measured entropy change inside `band`
-    (steer_megatron.diagnostics.controller.WMinController). Needs algorithm.policy_loss=steer."""
+    (steer_megatron.diagnostics.controller.WMinController). Needs algorithm.policy_loss=steer.
+    Past w_min's bounds the loop can go on to scale the LR (lr_scale_bounds; off by default)."""
 
     enabled: bool = False
     band: list[float] = field(default_factory=lambda: [-0.004, -0.001])  # [low, high], nats/token per step
     gain: float = 0.5  # change of log w_min per band width of error outside the band
     w_min_bounds: list[float] = field(default_factory=lambda: [0.05, 1.0])  # within (0, 1]
-    max_step: float = 0.5  # largest change of log w_min in one step
+    max_step: float = 0.5  # largest change of log w_min (or log LR scale) in one step
+    # LR multiplier the loop may use once w_min sits at a bound: [low <= 1, high >= 1]. [1, 1] = w_min only.
+    lr_scale_bounds: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
 
 @dataclass
@@ -423,6 +426,13 @@ def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
                           f"lie inside diagnostics.closed_loop.w_min_bounds={list(c.w_min_bounds)}")
     if c.gain <= 0 or c.max_step <= 0:
         raise ConfigError(f"diagnostics.closed_loop.gain={c.gain} and max_step={c.max_step}: both must be > 0")
+    if len(c.lr_scale_bounds) != 2 or not 0 < c.lr_scale_bounds[0] <= 1 <= c.lr_scale_bounds[1]:
+        raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)}: must be [low, high] with "
+                          f"0 < low <= 1 <= high (the LR scale is 1 until w_min reaches a bound; [1.0, 1.0] = w_min only)")
+    if list(c.lr_scale_bounds) != [1.0, 1.0] and c.band[1] > 0:
+        raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)} with band={list(c.band)}: "
+                          f"scaling the LR only shrinks or grows a falling entropy, so the band's high end must be <= 0; "
+                          f"lower it or set lr_scale_bounds=[1.0,1.0]")
 
 
 def _check_paths(cfg: RunConfig) -> None:

@@ -208,7 +208,17 @@ def probe_worker():
     independent = (_plain_entropy(fresh, ids) - h0)[mask]
     stepped = replace(batch, old_entropy=h0.float())
     step_dh = step_entropy_change(fresh, stepped)
-    return dict(step_dh=step_dh, skipped=skipped, metrics=metrics, report=probe.last_report, unchanged=unchanged, same_after=same_after,
+
+    # The closed loop's LR actuator: the only optimizer step with a non-zero LR (the warm-up's
+    # first LR is 0) moves the weights exactly lr_scale times as far; the scheduler's LR is kept.
+    start, moved, lrs = _params(_actor(weights)), [], []
+    for scale in (1.0, 0.5):
+        scaled = _actor(weights)
+        scaled.cfg = replace(scaled.cfg, lr_scale=scale)
+        _train_step(scaled, batch)
+        moved.append({n: p - start[n] for n, p in _params(scaled).items()})
+        lrs.append([g["lr"] for g in scaled.optimizer.param_groups])
+    return dict(step_dh=step_dh, moved=moved, lrs=lrs, skipped=skipped, metrics=metrics, report=probe.last_report, unchanged=unchanged, same_after=same_after,
                 measured=data.measured, independent=independent)
 
 
@@ -235,6 +245,12 @@ def test_probe_measures_real_update_and_leaves_training_unchanged():
     assert out["independent"].abs().max() > 1e-4  # the step moved the entropies measurably
     torch.testing.assert_close(out["measured"].double(), out["independent"], atol=2e-5, rtol=1e-3)
     assert out["step_dh"] == pytest.approx(float(out["independent"].mean()), abs=2e-6)  # the closed loop's input
+    full, half = out["moved"]
+    biggest = max(float(d.abs().max()) for d in full.values())
+    assert biggest > 1e-5
+    for n, d in full.items():  # up to fp32 rounding of the weights themselves
+        torch.testing.assert_close(half[n], 0.5 * d, rtol=1e-4, atol=1e-3 * biggest)
+    assert out["lrs"][0] == out["lrs"][1] and min(out["lrs"][0]) > 0
 
 
 # -- (d) the w_min closed loop on synthetic plants ---------------------------------------------------
@@ -284,3 +300,82 @@ def test_controller_moves_w_min_by_the_sign_of_the_miss_and_rejects_bad_settings
         WMinController(0.1, -0.1)
     with pytest.raises(ValueError, match="w_min_bounds"):
         WMinController(-0.1, 0.1, w_min_bounds=(0.5, 1.5))
+
+
+def test_controller_finds_the_known_w_min_of_a_log_plant():
+    # dH = a log(w_min) + b + noise; the band's centre needs log w_min = (centre - b) / a, w_min = 0.19
+    rng = random.Random(1)
+    a, b, low, high = -0.003, -0.012, -0.009, -0.005
+    ctrl = WMinController(low, high, w_min_init=0.8, gain=0.5)
+    hist = _run(ctrl, lambda w, t: a * math.log(w) + b + rng.gauss(0, 0.0005), 60)
+    assert sum(ok for _, ok in hist[15:]) / 45 > 0.9
+    # anywhere inside the band is a fixed point: the w_min range that maps into it
+    assert math.exp((high - b) / a) < ctrl.w_min < math.exp((low - b) / a)
+    assert ctrl.lr_scale == 1.0  # default lr_scale_bounds: w_min only
+
+
+def _run_split(ctrl, plant, steps):
+    """Like _run, for a plant that also sees the LR scale."""
+    out = []
+    for t in range(steps):
+        dh = plant(ctrl.w_min, ctrl.lr_scale, t)
+        out.append((dh, ctrl.in_band(dh), ctrl.w_min, ctrl.lr_scale))
+        ctrl.update(dh)
+    return out
+
+
+def _weak_w_min_plant(seed):
+    """Like the CPU demo: w_min barely moves dH (a 10x lower w_min gains 0.001), the step's size
+    does (dH proportional to the LR); multiplicative noise, and the loss shrinks 1.5x over the run."""
+    rng = random.Random(seed)
+    return lambda w, s, t: s * (-0.015 + 0.0004 * math.log(1 / w)) * (1 - t / 180) * (1 + rng.gauss(0, 0.15))
+
+
+def test_lr_actuator_takes_over_once_w_min_sits_at_its_floor():
+    band = (-0.009, -0.005)
+    split = WMinController(*band, w_min_init=0.8, w_min_bounds=(0.3, 1.0), lr_scale_bounds=(0.25, 1.0))
+    hist = _run_split(split, _weak_w_min_plant(0), 60)
+    settled = hist[12:]
+    assert sum(ok for _, ok, _, _ in settled) / len(settled) > 0.7  # 0.77 (the noise alone allows ~0.94)
+    # w_min went first, to its floor; only then did the LR scale leave 1
+    first_scaled = next(i for i, (*_, s) in enumerate(hist) if s < 1)
+    assert all(w == 0.3 for _, _, w, _ in hist[first_scaled:]) and all(s == 1.0 for *_, s in hist[:first_scaled])
+    assert 0.5 < split.lr_scale < 0.9
+    # the same plant with w_min alone: stuck at the floor, below the band nearly every step
+    alone = WMinController(*band, w_min_init=0.8, w_min_bounds=(0.3, 1.0))
+    hist = _run_split(alone, _weak_w_min_plant(0), 60)
+    assert alone.w_min == 0.3 and alone.lr_scale == 1.0
+    assert sum(ok for _, ok, _, _ in hist[12:]) / 48 < 0.2  # 0.08
+
+
+def test_lr_scale_rises_past_the_w_min_ceiling_and_stops_at_its_bound():
+    # too little entropy lost even at w_min = 1 (plain GRPO weights): the loop grows the step, up to 2x
+    ctrl = WMinController(-0.02, -0.015, w_min_init=0.5, lr_scale_bounds=(0.5, 2.0))
+    hist = _run_split(ctrl, lambda w, s, t: -0.006 * s, 20)
+    assert ctrl.w_min == 1.0 and ctrl.lr_scale == pytest.approx(2.0)
+    assert all(s == 1.0 for _, _, w, s in hist if w < 1.0)
+    # a plant the loop can satisfy within the bounds: dH = -0.006 s needs s in [2.5, 3.33]
+    ctrl = WMinController(-0.02, -0.015, w_min_init=0.5, lr_scale_bounds=(0.5, 4.0))
+    hist = _run_split(ctrl, lambda w, s, t: -0.006 * s, 30)
+    assert all(ok for _, ok, _, _ in hist[15:]) and 2.5 <= ctrl.lr_scale <= 3.34
+
+
+def test_controller_state_round_trips_and_reads_w_min_only_checkpoints():
+    ctrl = WMinController(-0.009, -0.005, w_min_init=0.8, w_min_bounds=(0.3, 1.0), lr_scale_bounds=(0.25, 1.0))
+    for _ in range(6):
+        ctrl.update(-0.02)
+    assert ctrl.w_min == 0.3 and ctrl.lr_scale < 1
+    again = WMinController(-0.009, -0.005, w_min_init=0.8, w_min_bounds=(0.3, 1.0), lr_scale_bounds=(0.25, 1.0))
+    again.load_state_dict(ctrl.state_dict())
+    assert (again.w_min, again.lr_scale) == pytest.approx((ctrl.w_min, ctrl.lr_scale))
+    assert again.update(-0.02) == ctrl.update(-0.02) and again.lr_scale == pytest.approx(ctrl.lr_scale)
+    again.load_state_dict({"w_min": 0.5})  # written before the LR actuator existed
+    assert (again.w_min, again.lr_scale) == (0.5, 1.0)
+
+
+def test_lr_actuator_settings_are_checked():
+    with pytest.raises(ValueError, match=r"lr_scale_bounds=\(1.5, 2.0\): need 0 < low <= 1 <= high"):
+        WMinController(-0.01, -0.004, lr_scale_bounds=(1.5, 2.0))
+    with pytest.raises(ValueError, match=r"band high=0.001 > 0"):
+        WMinController(-0.01, 0.001, lr_scale_bounds=(0.5, 1.0))
+    WMinController(-0.01, 0.001)  # a band that allows a rise is fine for w_min alone

@@ -16,12 +16,13 @@ from tests.test_trainer import assert_same_metrics, train_worker
 SMALL = ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=4", "trainer.micro_batch_size=4", "rollout.n=4",
          "trainer.save_every=0", "eval.every=0", "logging.tensorboard=false"]
 
-# A band far above any step's entropy change (|dH| ~ 1e-3 on the demo): every step falls below it, so the
-# controller must lower w_min (less damping of entropy loss would be the wrong way) by exactly
-# exp(-max_step) per step, down to the floor 0.3.
+# A band far below any step's entropy change (|dH| ~ 1e-3 on the demo): every step lies above it (too
+# little entropy lost), so the controller must raise log w_min by max_step per step, to its ceiling 1,
+# and then go on into the LR scale (split range) up to its bound 2.
 DIAG = ["diagnostics.probe_every=1", "diagnostics.closed_loop.enabled=true",
-        "diagnostics.closed_loop.band=[0.5,1.0]", "diagnostics.closed_loop.w_min_bounds=[0.3,1.0]",
-        "diagnostics.closed_loop.max_step=0.5", "algorithm.steer.w_min=0.8"]
+        "diagnostics.closed_loop.band=[-1.0,-0.5]", "diagnostics.closed_loop.w_min_bounds=[0.3,1.0]",
+        "diagnostics.closed_loop.lr_scale_bounds=[0.5,2.0]", "diagnostics.closed_loop.max_step=0.5",
+        "algorithm.steer.w_min=0.8"]
 STEPS = 4
 
 
@@ -47,7 +48,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_probe_logs_finite_correlations_and_closed_loop_lowers_w_min_to_its_floor(runs):
+def test_probe_logs_finite_correlations_and_closed_loop_moves_w_min_then_the_lr(runs):
     full, _ = runs
     rows = _rows(full)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -58,16 +59,22 @@ def test_probe_logs_finite_correlations_and_closed_loop_lowers_w_min_to_its_floo
         assert r["diag/step_dH"] != 0 and r["diag/in_band"] == 0.0
     # the probe measures the same held batch (the run's first rollout batch) every step
     assert len({r["diag/tokens"] for r in rows}) == 1
-    assert [r["diag/w_min"] for r in rows] == pytest.approx([0.8, 0.8 * math.exp(-0.5), 0.3, 0.3])
+    # the values each step trained with: w_min 0.8 -> 0.8 e^0.5 = 1.32, past its ceiling, so w_min 1 and
+    # LR x 1.32; then LR x 2.17, clipped to 2
+    assert [r["diag/w_min"] for r in rows] == pytest.approx([0.8, 1.0, 1.0, 1.0])
+    assert [r["diag/lr_scale"] for r in rows] == pytest.approx([1.0, 0.8 * math.exp(0.5), 2.0, 2.0])
+    assert [r["actor/lr"] for r in rows] == pytest.approx([rows[0]["actor/lr"]] * STEPS)  # the schedule is untouched
     assert (full / "diagnostics" / "probe_batch.pt").is_file()
     meta = json.loads((full / "checkpoints" / "iter_0000004" / "meta.json").read_text())
-    assert meta["extra"]["diagnostics"]["controller"]["w_min"] == pytest.approx(0.3)
+    assert meta["extra"]["diagnostics"]["controller"] == pytest.approx({"w_min": 1.0, "lr_scale": 2.0})
     assert meta["extra"]["diagnostics"]["probe_batch"]["source_step"] == 0
 
 
-def test_resume_continues_the_w_min_sequence_and_the_probe(runs):
+def test_resume_continues_the_w_min_and_lr_scale_sequence_and_the_probe(runs):
     full, cut = runs
-    assert_same_metrics(_rows(cut), _rows(full))  # same w_min, step dH and probe correlations after the restart
+    # same w_min, LR scale, step dH and probe correlations after the restart (the checkpoint at step 2
+    # holds LR x 2: a resume that lost it would train step 3 at x 1 and its dH would differ)
+    assert_same_metrics(_rows(cut), _rows(full))
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -77,6 +84,11 @@ def test_resume_continues_the_w_min_sequence_and_the_probe(runs):
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.w_min_bounds=[0.05,0.5]"],
      r"algorithm.steer.w_min=0.8 .* inside diagnostics.closed_loop.w_min_bounds"),
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.gain=0"], "gain=0.0 and max_step"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.lr_scale_bounds=[0.5,0.9]"],
+     r"lr_scale_bounds=\[0.5, 0.9\]: must be \[low, high\] with 0 < low <= 1 <= high"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.lr_scale_bounds=[0.5]"], r"lr_scale_bounds=\[0.5\]"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.lr_scale_bounds=[0.25,1.0]",
+      "diagnostics.closed_loop.band=[-0.004,0.001]"], r"band's high end must be <= 0; lower it or set lr_scale_bounds"),
     (["diagnostics.probe_every=-1"], "diagnostics.probe_every=-1"),
     (["diagnostics.probe_prompts=999"], "diagnostics.probe_prompts=999"),
 ])

@@ -56,7 +56,7 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 def run_rank(cfg, hf_dir: str, data: str, args) -> list[dict]:
     import dataclasses
 
-    from steer_megatron.diagnostics import WMinController, step_entropy_change, with_w_min
+    from steer_megatron.diagnostics import WMinController, step_entropy_change
     from steer_megatron.models import build_gpt_model, iter_hf_weights, load_hf_weights, parse_hf_config
     from steer_megatron.parallel import ParallelLayout, init_parallel
     from steer_megatron.rollout.cpu_engine import CpuEngine
@@ -99,7 +99,8 @@ def run_rank(cfg, hf_dir: str, data: str, args) -> list[dict]:
         rec |= {"dH": dh, "in_band": ctrl.in_band(dh), "entropy_before": float(batch.old_entropy[batch.loss_mask].mean()),
                 "weight_mean": metrics.get("weight_mean"), "seconds": time.perf_counter() - t0}
         if args.mode == "on":
-            actor.cfg = with_w_min(actor.cfg, ctrl.update(dh))
+            ctrl.update(dh)
+            actor.cfg = ctrl.actuate(actor.cfg)
         history.append(rec)
         print(f"step {step}: w_min {rec['w_min']:.3f} dH {dh:+.5f} in band {rec['in_band']} reward {rec['mean_reward']:.2f}",
               flush=True)

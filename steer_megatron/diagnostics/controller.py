@@ -12,8 +12,10 @@ So outside the band the controller moves
 (below the band -> lower w_min, above it -> raise w_min), clamped to +-max_step per update and
 w_min to its bounds; inside the band nothing changes (a dead band keeps w_min still while the
 entropy behaves). Aiming at the centre, not the nearest edge, matters under noise: a loop that
-stops at the edge leaves half of the next steps' noise outside. The update is incremental, so
-w_min itself is the integrator and the controller's only state. Off by default. Its input is
+stops at the edge leaves half of the next steps' noise outside. Past w_min's bounds the same
+law can move an LR multiplier (lr_scale_bounds; WMinController's docstring says why). The
+update is incremental, so log w_min + log lr_scale is the integrator and the controller's only
+state. Off by default. Its input is
 the step's measured mean entropy change, step_entropy_change() below (one extra forward pass on
 the step's own batch, DP-averaged).
 """
@@ -28,11 +30,28 @@ from steer_megatron.train.actor import ActorBatch, ActorConfig, MegatronActor
 
 
 class WMinController:
+    """The law above on one state, u = log w_min + log lr_scale, split over two actuators.
+
+    w_min is the primary knob: while u lies within log(w_min_bounds) it is w_min itself and the
+    LR is untouched. Only past a w_min bound does u spill into an LR multiplier, within
+    lr_scale_bounds (a split-range actuator: below the w_min floor the loop shrinks the step,
+    above the w_min ceiling it grows it). With lr_scale_bounds (1, 1), the default, this is the
+    w_min-only loop. The LR is there because w_min alone barely moves the entropy change on the
+    CPU demo (see the module docstring): Adam and gradient clipping renormalise the step, so
+    down-weighting a few tokens changes its direction more than its size, and Omega does not
+    pick out the tokens whose entropy moves (docs/entropy_diagnostics.md). An LR scale changes
+    the size of every Adam step directly. Lowering the LR only shrinks the entropy change towards
+    zero, which is the right direction only when the entropy falls, so a band that allows a rise
+    (high > 0) cannot use it.
+    """
+
     def __init__(
         self, target_low: float, target_high: float, w_min_init: float = 0.8,
         w_min_bounds: tuple[float, float] = (0.05, 1.0), gain: float = 0.5, max_step: float = 0.5,
+        lr_scale_bounds: tuple[float, float] = (1.0, 1.0),
     ):
         lo, hi = w_min_bounds
+        s_lo, s_hi = lr_scale_bounds
         if not target_low < target_high:
             raise ValueError(f"diagnostics.closed_loop.band=[{target_low}, {target_high}]: need low < high")
         if not 0 < lo <= hi <= 1:
@@ -42,41 +61,60 @@ class WMinController:
             raise ValueError(f"w_min_init={w_min_init} lies outside w_min_bounds=({lo}, {hi})")
         if gain <= 0 or max_step <= 0:
             raise ValueError(f"diagnostics.closed_loop.gain={gain} and max_step={max_step} must be > 0")
+        if not 0 < s_lo <= 1 <= s_hi:
+            raise ValueError(f"diagnostics.closed_loop.lr_scale_bounds=({s_lo}, {s_hi}): need 0 < low <= 1 <= high "
+                             "(the LR takes over from w_min at w_min's bounds, where its scale is 1)")
+        if (s_lo, s_hi) != (1.0, 1.0) and target_high > 0:
+            raise ValueError(f"diagnostics.closed_loop.lr_scale_bounds=({s_lo}, {s_hi}) with band high={target_high} > 0: "
+                             "the LR scale only shrinks or grows a falling entropy; use a band with high <= 0, or "
+                             "lr_scale_bounds=[1.0, 1.0]")
         self.low, self.high = target_low, target_high
-        self.bounds = (lo, hi)
+        self.bounds, self.lr_bounds = (lo, hi), (s_lo, s_hi)
         self.gain, self.max_step = gain, max_step
-        self.w_min = w_min_init
+        self.u = math.log(w_min_init)
+
+    @property
+    def w_min(self) -> float:
+        lo, hi = self.bounds
+        return min(hi, max(lo, math.exp(self.u)))
+
+    @property
+    def lr_scale(self) -> float:
+        """1 while w_min is inside its bounds; the part of the demand that w_min could not take beyond them."""
+        return math.exp(self.u) / self.w_min
 
     def in_band(self, measured: float) -> bool:
         return self.low <= measured <= self.high
 
     def update(self, measured_dH_per_step: float) -> float:
-        """Feed the entropy change measured in the last step; returns the w_min for the next one."""
+        """Feed the entropy change measured in the last step; returns the w_min for the next one
+        (and sets lr_scale for it)."""
         m = float(measured_dH_per_step)
         if not math.isfinite(m):
             raise ValueError(f"closed loop got a non-finite entropy change {m}; check the step's metrics")
         if self.in_band(m):
             return self.w_min
-        # dH rises as w_min falls (module docstring)
+        # dH rises as w_min (then the LR) falls (module docstring)
         step = self.gain * (m - (self.low + self.high) / 2) / (self.high - self.low)
         step = max(-self.max_step, min(self.max_step, step))
-        lo, hi = self.bounds
-        self.w_min = min(hi, max(lo, self.w_min * math.exp(step)))
+        (lo, hi), (s_lo, s_hi) = self.bounds, self.lr_bounds
+        self.u = min(math.log(hi * s_hi), max(math.log(lo * s_lo), self.u + step))
         return self.w_min
 
+    def actuate(self, cfg: ActorConfig) -> ActorConfig:
+        """The actor config with STEER's w_min and the LR scale set (configs are frozen: assign the
+        result to actor.cfg)."""
+        if cfg.policy_loss != "steer":
+            raise ValueError(f"the w_min closed loop needs algorithm.policy_loss=steer, got {cfg.policy_loss!r}")
+        steer = dataclasses.replace(cfg.loss.steer, w_min=self.w_min)
+        return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, steer=steer), lr_scale=self.lr_scale)
+
     def state_dict(self) -> dict:
-        return {"w_min": self.w_min}
+        return {"w_min": self.w_min, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        self.w_min = float(state["w_min"])
-
-
-def with_w_min(cfg: ActorConfig, w_min: float) -> ActorConfig:
-    """The actor config with STEER's w_min replaced (configs are frozen: assign the result to actor.cfg)."""
-    if cfg.policy_loss != "steer":
-        raise ValueError(f"the w_min closed loop needs algorithm.policy_loss=steer, got {cfg.policy_loss!r}")
-    steer = dataclasses.replace(cfg.loss.steer, w_min=w_min)
-    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, steer=steer))
+        # checkpoints from before the LR actuator carry w_min only
+        self.u = math.log(float(state["w_min"])) + math.log(float(state.get("lr_scale", 1.0)))
 
 
 @torch.no_grad()

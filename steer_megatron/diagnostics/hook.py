@@ -5,10 +5,11 @@
   rank on its slice; the per-token data is gathered to rank 0 and analysed there as one batch.
 - Step change (diagnostics.step_change, implied by the closed loop): the step's own mean
   entropy change H_after - H_before over its batch (one extra forward pass).
-- Closed loop (diagnostics.closed_loop): WMinController sets STEER's w_min for the next step.
+- Closed loop (diagnostics.closed_loop): WMinController sets STEER's w_min (and, past w_min's
+  bounds, an LR multiplier) for the next step.
 
 `state_dict()` (JSON) goes into the checkpoint's `extra`: the controller and a reference to the
-held batch, so a resumed run probes the same batch and continues the same w_min sequence.
+held batch, so a resumed run probes the same batch and continues the same w_min / LR-scale sequence.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from steer_megatron.config import RunConfig
-from steer_megatron.diagnostics.controller import WMinController, step_entropy_change, with_w_min
+from steer_megatron.diagnostics.controller import WMinController, step_entropy_change
 from steer_megatron.diagnostics.entropy_change import EntropyChangeData
 from steer_megatron.diagnostics.measure import EntropyProbe
 from steer_megatron.train.actor import ActorBatch, MegatronActor
@@ -71,10 +72,11 @@ class DiagnosticsHook:
         if d.closed_loop.enabled:
             c = d.closed_loop
             self.ctrl = WMinController(c.band[0], c.band[1], w_min_init=cfg.algorithm.steer.w_min,
-                                       w_min_bounds=tuple(c.w_min_bounds), gain=c.gain, max_step=c.max_step)
+                                       w_min_bounds=tuple(c.w_min_bounds), gain=c.gain, max_step=c.max_step,
+                                       lr_scale_bounds=tuple(c.lr_scale_bounds))
             if saved.get("controller"):
                 self.ctrl.load_state_dict(saved["controller"])
-            actor.cfg = with_w_min(actor.cfg, self.ctrl.w_min)  # a resumed run continues its w_min
+            actor.cfg = self.ctrl.actuate(actor.cfg)  # a resumed run continues its w_min and LR scale
         self.held_ref: dict | None = saved.get("probe_batch")
         self.probe: EntropyProbe | None = None
         if self.probe_every and self.held_ref:
@@ -133,8 +135,10 @@ class DiagnosticsHook:
         lo, hi = self.band
         out = {"diag/step_dH": dh, "diag/in_band": float(lo <= dh <= hi)}
         if self.ctrl is not None:
-            out["diag/w_min"] = self.ctrl.w_min  # the w_min this step trained with
-            actor.cfg = with_w_min(actor.cfg, self.ctrl.update(dh))
+            out["diag/w_min"] = self.ctrl.w_min  # the w_min and LR scale this step trained with
+            out["diag/lr_scale"] = self.ctrl.lr_scale
+            self.ctrl.update(dh)
+            actor.cfg = self.ctrl.actuate(actor.cfg)
         return out
 
     def state_dict(self) -> dict:

@@ -6,6 +6,7 @@ micro-batches; the statistics and the loss live on the last pipeline stage.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import partial
 
@@ -69,12 +70,32 @@ class ActorConfig:
     chunk_tokens: int | None = None
     loss_kernel: str = "auto"  # auto | torch | triton (steer_megatron.loss.kernels)
     fused_lm_head: bool = False  # statistics from hidden states x output weight; logits never whole
+    # Multiplies the scheduler's LR at every optimizer step. 1 except under the entropy closed loop
+    # (diagnostics.closed_loop.lr_scale_bounds), which sets it per RL step: Adam and gradient
+    # clipping renormalise any scale put on the loss, but not one put on the LR.
+    lr_scale: float = 1.0
 
     def __post_init__(self):
+        if not self.lr_scale > 0:
+            raise ValueError(f"ActorConfig.lr_scale={self.lr_scale} must be > 0")
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} must be a multiple of "
                              f"micro_batch_size={self.micro_batch_size}")
         get_policy_loss(self.policy_loss)  # unknown names fail at start-up
+
+
+@contextmanager
+def _scaled_lr(optimizer, scale: float):
+    """The optimizer's param-group LRs times `scale` for one step; the scheduler's values come back after."""
+    groups = optimizer.param_groups if scale != 1.0 else []
+    saved = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = g["lr"] * scale
+    try:
+        yield
+    finally:
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr
 
 
 def _is_last_stage() -> bool:
@@ -221,7 +242,8 @@ class MegatronActor:
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 out = self.run_schedule(mini, loss_func, forward_only=False)
-                ok, grad_norm, _ = self.optimizer.step()
+                with _scaled_lr(self.optimizer, cfg.lr_scale):
+                    ok, grad_norm, _ = self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step(increment=1)
                 if _is_last_stage():
