@@ -99,7 +99,7 @@ def _full_stats(actor: MegatronActor, batch: ActorBatch) -> _Stats | None:
     from megatron.core import parallel_state as ps
 
     def loss_func(mb, output):
-        st = actor._stats(output, mb, p2_stats=True)  # the actor's own path: logits or fused LM head
+        st = actor.micro_batch_stats(output, mb, p2_stats=True)  # the actor's own path: logits or fused LM head
         return output.new_zeros(()), dataclasses.asdict(_Stats(st.logprob, st.entropy, st.sum_p2, st.sum_p2_logp))
 
     actor.model.eval()

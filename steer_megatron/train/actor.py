@@ -140,7 +140,7 @@ class MegatronActor:
             self._gpt = gpt
 
     # -- statistics ---------------------------------------------------------------------------
-    def _stats(self, output: torch.Tensor, mb: ActorBatch, p2_stats: bool) -> TokenStats:
+    def micro_batch_stats(self, output: torch.Tensor, mb: ActorBatch, p2_stats: bool) -> TokenStats:
         """Token statistics of a micro-batch from the model's output: logits [b, s, V_local], or
         with fused_lm_head the hidden states kept by the output layer's hook."""
         from megatron.core import parallel_state as ps
@@ -186,7 +186,7 @@ class MegatronActor:
         self.model.eval()
 
         def loss_func(mb, logits):
-            st = self._stats(logits, mb, p2_stats)
+            st = self.micro_batch_stats(logits, mb, p2_stats)
             return logits.new_zeros(()), {"logprob": st.logprob, "entropy": st.entropy}
 
         out = self.run_schedule(batch, loss_func, forward_only=True)
@@ -227,7 +227,7 @@ class MegatronActor:
                 scale = n_micro * dp if token_mean else 1
 
                 def loss_func(mb, logits):
-                    st = self._stats(logits, mb, p2_stats=form == "exact")
+                    st = self.micro_batch_stats(logits, mb, p2_stats=form == "exact")
                     inp = PolicyLossInputs(
                         log_prob=st.logprob, old_log_prob=mb.old_log_prob, advantages=mb.advantages,
                         mask=mb.loss_mask, entropy=st.entropy, old_entropy=mb.old_entropy,
