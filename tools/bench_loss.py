@@ -5,10 +5,10 @@ Compares steer_megatron's token_stats (log p, entropy, sum p^2 terms; entropy wi
 against plain PyTorch and megatron-core's vocab_parallel_cross_entropy (log p only) on the same
 inputs, and reports each as a ratio to plain PyTorch and to the memory-traffic floor (read the
 logits forward, read them and write their gradient backward, at the copy bandwidth measured in
-the same run). Each case runs in a fresh process so peak memory is its own:
-CUDA max_memory_allocated on a GPU, ru_maxrss growth on a CPU.
+the same run). On a CPU each case runs in a fresh process so its peak memory (ru_maxrss growth)
+is its own.
 
-    python tools/bench_loss.py                       # CPU defaults
+    python tools/bench_loss.py                       # CPU defaults (or the GPU suite where CUDA is)
     python tools/bench_loss.py --device cuda         # the GPU suite (one process; see below)
     python tools/bench_loss.py --device cuda --sizes 16384x152064 --cases steer_triton liger_ce
 
@@ -36,13 +36,6 @@ CASES = ("steer_token_stats", "plain_pytorch", "megatron_vocab_parallel_ce", "to
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _plain(logits, target, w):
     import torch
 
@@ -53,90 +46,46 @@ def _plain(logits, target, w):
     return (w * lp_t).sum() + 1e-3 * ent.sum()
 
 
-def _make_fn(case, logits, target, w, chunk):
-    import torch
-
-    if case == "steer_token_stats":
-        from steer_megatron.loss import token_stats
-
-        def fn():
-            st = token_stats(logits, target, chunk_tokens=chunk, check_inputs=False)
-            ((w * st.logprob).sum() + 1e-3 * st.entropy.sum()).backward()
-    elif case == "plain_pytorch":
-        def fn():
-            _plain(logits, target, w).backward()
-    elif case == "torch_compile":
-        compiled = torch.compile(_plain, dynamic=False)
-
-        def fn():
-            compiled(logits, target, w).backward()
-    elif case == "megatron_vocab_parallel_ce":
-        from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-        from steer_megatron.parallel import init_parallel
-
-        init_parallel()
-        n, v = logits.shape
-
-        def fn():
-            loss = vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1))
-            (w.view(n, 1) * loss).sum().backward()
-    else:
-        raise ValueError(f"unknown case {case!r}; choose from {CASES}")
-    return fn
-
-
-def _run_case(case, n, v, dtype, device, reps, chunk, queue):
+def _run_case(case, n, v, dtype, reps, chunk, queue):
+    """One CPU case in its own process: median ms and ru_maxrss growth."""
     import torch
 
     torch.manual_seed(0)
-    logits = (torch.randn(n, v, device=device) * 3).to(getattr(torch, dtype)).requires_grad_()
-    target = torch.randint(0, v, (n,), device=device)
-    w = torch.randn(n, device=device)
+    logits = (torch.randn(n, v) * 3).to(getattr(torch, dtype)).requires_grad_()
+    target = torch.randint(0, v, (n,))
+    w = torch.randn(n)
     try:
-        fn = _make_fn(case, logits, target, w, chunk)
+        fn = _logits_case(case, logits, target, w, {}, chunk)
 
         def step():
             fn()
             logits.grad = None
 
-        if device == "cuda":
-            step()  # warm-up (kernels, compile)
-            _sync(device)
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            _sync(device)
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            step()  # the first call sets the peak; glibc returns big blocks to the OS
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step()  # the first call sets the peak; glibc returns big blocks to the OS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
         times = []
         for _ in range(reps):
-            _sync(device)
             t0 = time.perf_counter()
             step()
-            _sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
         queue.put({"case": case, "ms": statistics.median(times), "peak_extra_GiB": peak / 2**30})
     except Exception as e:  # noqa: BLE001 - a case that cannot run is reported, not fatal
         queue.put({"case": case, "error": f"{type(e).__name__}: {str(e)[:160]}"})
 
 
-def _copy_bandwidth(device) -> float:
-    """Bytes/s of a large tensor copy (read + write)."""
+def _copy_bandwidth() -> float:
+    """Bytes/s of a large CPU tensor copy (read + write)."""
     import torch
 
-    n = (1 << 30) if device == "cuda" else (1 << 28)
-    a = torch.empty(n, dtype=torch.uint8, device=device)
+    n = 1 << 28
+    a = torch.empty(n, dtype=torch.uint8)
     b = torch.empty_like(a)
     b.copy_(a)
     times = []
     for _ in range(5):
-        _sync(device)
         t0 = time.perf_counter()
         b.copy_(a)
-        _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n / min(times)
 
@@ -174,11 +123,18 @@ def gpu_floors():
     return bw, tf
 
 
-def _gpu_logits_case(case, logits, target, w, state):
-    """A closure running forward + backward of one case; logits.grad is cleared by the caller."""
+def _logits_case(case, logits, target, w, state, chunk=None):
+    """A closure running forward + backward of one case (CPU and GPU suites alike); logits.grad
+    is cleared by the caller. `state` keeps one-time set-up (compiled function, process groups)."""
     import torch
 
-    if case in ("steer_triton", "steer_torch"):
+    if case == "steer_token_stats":  # the default kernel for the device, as the trainer runs it
+        from steer_megatron.loss import token_stats
+
+        def fn():
+            st = token_stats(logits, target, chunk_tokens=chunk, check_inputs=False)
+            ((w * st.logprob).sum() + 1e-3 * st.entropy.sum()).backward()
+    elif case in ("steer_triton", "steer_torch"):
         from steer_megatron.loss import token_stats
 
         kernel = "triton" if case == "steer_triton" else "torch"
@@ -225,7 +181,7 @@ def _gpu_logits_case(case, logits, target, w, state):
         def fn():
             _first(ce(logits, target)).backward()
     else:
-        raise ValueError(f"unknown case {case!r}")
+        raise ValueError(f"unknown case {case!r}; choose from {sorted(set(CASES) | set(GPU_CASES))}")
     return fn
 
 
@@ -365,7 +321,7 @@ def gpu_main(args):
             floor_ms = 3 * n * v * elem / bw * 1e3  # read forward; read + write the gradient backward
             row = {"case": case, "N": n, "V": v, "floor_ms": round(floor_ms, 3),
                    "grad_GiB": round(n * v * elem / 2**30, 3)}
-            record(_gpu_row(row, lambda: _gpu_logits_case(case, logits, target, w, state), [logits], args.rep_ms,
+            record(_gpu_row(row, lambda: _logits_case(case, logits, target, w, state), [logits], args.rep_ms,
                             graph=args.graph))
             del logits
             torch.cuda.empty_cache()
@@ -417,11 +373,12 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", choices=sorted(set(CASES) | set(GPU_CASES) | set(LMHEAD_CASES)),
                     default=None,
                     help="what to run (torch_compile is off by default on CPU: minutes of compile)")
-    ap.add_argument("--reps", type=int, default=5 if not on_gpu else 20, help="timed repetitions (median reported)")
+    ap.add_argument("--reps", type=int, default=5, help="cpu: timed repetitions (median reported)")
     ap.add_argument("--chunk", type=int, default=None, help="token chunk of token_stats (default: its own, 64 MiB per temporary)")
     ap.add_argument("--json", type=Path, help="also write all rows to this JSON file")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="cuda: the GPU suite in one process (gpu cases, floors measured in the run)")
+                    help="cuda: the GPU suite in one process (gpu cases, floors measured in the run); "
+                         "auto: cuda where a GPU is")
     ap.add_argument("--lmhead", nargs="*", default=None,
                     help="cuda: NxHxV LM-head cases (default 16384x3584x152064; none to skip)")
     ap.add_argument("--rep-ms", type=float, default=200.0, help="cuda: do_bench time budget per case")
@@ -430,21 +387,16 @@ def main(argv=None):
     ap.add_argument("--token-chunks", type=int, nargs="+", default=[1024, 1280],
                     help="cuda: token chunks tried for steer_fused_token_loss (one row each; 0 = its default)")
     args = ap.parse_args(argv)
-    if args.device == "cuda":
+    if args.device == "cuda" or (args.device == "auto" and on_gpu):
         return gpu_main(args)
-    if args.device == "cpu":
-        on_gpu = False
-    if args.sizes is None:
-        args.sizes = ["16384x152064", "16384x38016"] if on_gpu else ["2048x32768", "4096x38016"]
-    if args.cases is None:
-        args.cases = list(CASES) if on_gpu else ["steer_token_stats", "plain_pytorch", "megatron_vocab_parallel_ce"]
+    args.sizes = args.sizes or ["2048x32768", "4096x38016"]
+    args.cases = args.cases or ["steer_token_stats", "plain_pytorch", "megatron_vocab_parallel_ce"]
     if set(args.cases) - set(CASES):
         ap.error(f"cases {sorted(set(args.cases) - set(CASES))} run only with --device cuda")
-    device = "cuda" if on_gpu else "cpu"
     dtype = DTYPES[args.dtype]
-    bw = _copy_bandwidth(device)
+    bw = _copy_bandwidth()
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    name = f"CPU ({torch.get_num_threads()} threads)"
     print(json.dumps({"device": name, "torch": torch.__version__, "copy_GBps": round(bw / 1e9, 1), "dtype": args.dtype}))
     rows = []
     ctx = mp.get_context("spawn")
@@ -454,7 +406,7 @@ def main(argv=None):
         base_ms = None
         for case in args.cases:
             q = ctx.Queue()
-            p = ctx.Process(target=_run_case, args=(case, n, v, dtype, device, args.reps, args.chunk, q))
+            p = ctx.Process(target=_run_case, args=(case, n, v, dtype, args.reps, args.chunk, q))
             p.start()
             row = q.get()
             p.join()

@@ -13,6 +13,7 @@ gradient, at the device copy bandwidth). Prints the winner per pass as environme
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -68,8 +69,8 @@ def main(argv=None):
         ref_grad = T.grad_logits(logits, target, log_z, ent, w_lp, w_h, v, 0, torch.empty_like(logits))
         data[v] = (logits, target, w_lp, w_h, ref_stats, log_z, ent, ref_grad, torch.empty_like(logits))
     # interleaved, so a spent budget leaves both passes with some configs measured
-    todo = [x for i in range(len(FWD_CONFIGS)) for x in (("fwd", FWD_CONFIGS[i]), ("bwd", BWD_CONFIGS[i % len(BWD_CONFIGS)]))
-            if i < len(BWD_CONFIGS) or x[0] == "fwd"]
+    pairs = itertools.zip_longest([("fwd", c) for c in FWD_CONFIGS], [("bwd", c) for c in BWD_CONFIGS])
+    todo = [x for pair in pairs for x in pair if x is not None]
     for pas, (block, warps, nrows) in todo:
         if time.time() - t_start > args.budget_s:
             print(f"tune_kernels: {args.budget_s} s budget spent; not measured: {pas} {block}/{warps}/{nrows}")

@@ -106,22 +106,25 @@ def _is_last_stage() -> bool:
 
 class _HiddenStatesTap:
     """Forward pre-hook on megatron's output layer (algorithm.fused_lm_head): keeps the final-norm
-    hidden states [s, b, H] for the fused loss and hands the layer a zero-length sequence, so the
-    [s, b, V_local] logits are never computed. Uses torch's public hook API on our model
-    instance; megatron's code is unchanged."""
+    hidden states [s, b, H] and the weight the layer would multiply them by (GPTModel passes the
+    shared embedding when embeddings are tied, else the layer uses its own), and hands the layer a
+    zero-length sequence, so the [s, b, V_local] logits are never computed. Uses torch's public
+    hook API on our model instance; megatron's code is unchanged."""
 
     def __init__(self):
-        self.hidden: torch.Tensor | None = None
+        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, module, args, kwargs):
-        self.hidden = args[0]
+        weight = kwargs.get("weight")
+        self.kept = (args[0], module.weight if weight is None else weight)
         return (args[0][:0],) + tuple(args[1:]), kwargs
 
-    def take(self) -> torch.Tensor:
-        hidden, self.hidden = self.hidden, None
-        if hidden is None:
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, output weight) of the micro-batch that just ran forward."""
+        kept, self.kept = self.kept, None
+        if kept is None:
             raise RuntimeError("fused_lm_head: the output layer did not run before the loss")
-        return hidden
+        return kept
 
 
 class MegatronActor:
@@ -137,7 +140,6 @@ class MegatronActor:
                 raise ValueError("fused_lm_head does not support sequence parallelism yet; set parallel.sequence_parallel=false")
             self._tap = _HiddenStatesTap()
             gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
-            self._gpt = gpt
 
     # -- statistics ---------------------------------------------------------------------------
     def micro_batch_stats(self, output: torch.Tensor, mb: ActorBatch, p2_stats: bool) -> TokenStats:
@@ -152,13 +154,11 @@ class MegatronActor:
                                chunk_tokens=self.cfg.chunk_tokens, p2_stats=p2_stats, kernel=self.cfg.loss_kernel)
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-        hidden = self._tap.take().transpose(0, 1)[:, :-1]  # [s, b, H] -> [b, s - 1, H]
+        hidden, weight = self._tap.take()
+        hidden = hidden.transpose(0, 1)[:, :-1]  # [s, b, H] -> [b, s - 1, H]
         # what ColumnParallelLinear does to its input: identity forward, grad all-reduced over TP
         # (each rank's fused backward holds only its vocab shard's part of d loss / d hidden)
         hidden = copy_to_tensor_model_parallel_region(hidden)
-        gpt = self._gpt
-        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
-            else gpt.output_layer.weight
         return fused_linear_token_stats(hidden, weight, target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
                                         kernel=self.cfg.loss_kernel, p2_stats=p2_stats)
 

@@ -199,8 +199,7 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             # all V_local columns, padding too: keeps the row stride a multiple of 16 bytes (vector
             # loads in the kernels) for +0.3% matmul work; the kernels mask the padding
             z = x @ weight.t()
-            local = (_block_stats(z, tgt, n_valid, start, kernel, True, acc) if n_valid
-                     else padding_only_stats(x.shape[0], acc, x.device))
+            local = _block_stats(z, tgt, n_valid, start, kernel, True, acc)  # padding-only shards too
             log_z, entropy, sum_p2, sum_p2_logp, z_target = merge_across_ranks(local, tp_group)
             if check_inputs:
                 _raise_on_bad_values(log_z, tgt, vocab_size)
