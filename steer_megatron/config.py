@@ -205,6 +205,10 @@ class ClosedLoopConfig:
     max_step: float = 0.5  # largest change of log w_min (or log LR scale) in one step
     # LR multiplier the loop may use once w_min sits at a bound: [low <= 1, high >= 1]. [1, 1] = w_min only.
     lr_scale_bounds: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    # In-step feedback (diagnostics/step_trim.py): a step whose measured change lies outside the
+    # band is scaled back towards the weights before it, re-measured, up to `trims` times. 0 = off.
+    trims: int = 0
+    min_step_scale: float = 0.25  # the smallest fraction of a step a trim may keep, in (0, 1]
 
 
 @dataclass
@@ -429,6 +433,9 @@ def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
     if len(c.lr_scale_bounds) != 2 or not 0 < c.lr_scale_bounds[0] <= 1 <= c.lr_scale_bounds[1]:
         raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)}: must be [low, high] with "
                           f"0 < low <= 1 <= high (the LR scale is 1 until w_min reaches a bound; [1.0, 1.0] = w_min only)")
+    if c.trims < 0 or not 0 < c.min_step_scale <= 1:
+        raise ConfigError(f"diagnostics.closed_loop.trims={c.trims} and min_step_scale={c.min_step_scale}: need trims >= 0 "
+                          f"(0 = off) and 0 < min_step_scale <= 1")
     if list(c.lr_scale_bounds) != [1.0, 1.0] and c.band[1] > 0:
         raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)} with band={list(c.band)}: "
                           f"scaling the LR only shrinks or grows a falling entropy, so the band's high end must be <= 0; "

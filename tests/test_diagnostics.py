@@ -173,18 +173,12 @@ def probe_worker():
 
     from steer_megatron.diagnostics import EntropyProbe, measure_entropy_change, step_entropy_change
     from steer_megatron.parallel import ParallelLayout, init_parallel
-    from steer_megatron.train.actor import ActorBatch
-    from tests.tiny_gpt import build_tiny_gpt
+    from tests.tiny_gpt import build_tiny_gpt, plain_entropy, rl_batch
 
     init_parallel(ParallelLayout(), seed=3)
     weights = {n: p.detach().clone() for n, p in build_tiny_gpt(1, VOCAB).named_parameters()}
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (8, 16), generator=g)
-    mask = torch.zeros(8, 15, dtype=torch.bool)
-    for i in range(8):
-        mask[i, 5 : 7 + i] = True
-    adv = torch.randn(8, generator=g)[:, None] * mask
-    batch = ActorBatch(input_ids=ids, loss_mask=mask, advantages=adv)
+    batch = rl_batch(VOCAB, [(5, 7 + i) for i in range(8)])
+    ids, mask = batch.input_ids, batch.loss_mask
 
     probed = _actor(weights)
     _train_step(probed, batch)  # Adam moments and the scheduler are non-trivial before the probe
@@ -203,9 +197,9 @@ def probe_worker():
     # The measured change against entropies computed here from the raw logits (not token_stats).
     fresh = _actor(weights)
     _train_step(fresh, batch)  # past the warm-up's LR of 0 at step 0
-    h0 = _plain_entropy(fresh, ids)
+    h0 = plain_entropy(fresh.model, ids, VOCAB)
     data, _ = measure_entropy_change(fresh, batch, undo=False)
-    independent = (_plain_entropy(fresh, ids) - h0)[mask]
+    independent = (plain_entropy(fresh.model, ids, VOCAB) - h0)[mask]
     stepped = replace(batch, old_entropy=h0.float())
     step_dh = step_entropy_change(fresh, stepped)
 
@@ -220,14 +214,6 @@ def probe_worker():
         lrs.append([g["lr"] for g in scaled.optimizer.param_groups])
     return dict(step_dh=step_dh, moved=moved, lrs=lrs, skipped=skipped, metrics=metrics, report=probe.last_report, unchanged=unchanged, same_after=same_after,
                 measured=data.measured, independent=independent)
-
-
-@torch.no_grad()
-def _plain_entropy(actor, ids):
-    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
-    logits = actor.model(ids, pos, None)[:, :-1, :VOCAB].double()  # padded vocab columns dropped
-    lp = torch.log_softmax(logits, -1)
-    return -(lp.exp() * lp).sum(-1)
 
 
 def test_probe_measures_real_update_and_leaves_training_unchanged():

@@ -1,5 +1,6 @@
 """The entropy diagnostics inside the real trainer: the probe's diag/* metrics, the w_min closed
-loop's direction and bounds, resume continuing the same w_min sequence, and config validation."""
+loop's direction and bounds, the in-step trim, resume continuing the same w_min sequence, and
+config validation."""
 import json
 import math
 import shutil
@@ -18,8 +19,9 @@ SMALL = ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=4", "trainer.m
 
 # A band far below any step's entropy change (|dH| ~ 1e-3 on the demo): every step lies above it (too
 # little entropy lost), so the controller must raise log w_min by max_step per step, to its ceiling 1,
-# and then go on into the LR scale (split range) up to its bound 2.
-DIAG = ["diagnostics.probe_every=1", "diagnostics.closed_loop.enabled=true",
+# and then go on into the LR scale (split range) up to its bound 2. Trims are on, but a band beyond the
+# step's change cannot be reached by shrinking the step: they must leave every step alone.
+DIAG = ["diagnostics.probe_every=1", "diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.trims=2",
         "diagnostics.closed_loop.band=[-1.0,-0.5]", "diagnostics.closed_loop.w_min_bounds=[0.3,1.0]",
         "diagnostics.closed_loop.lr_scale_bounds=[0.5,2.0]", "diagnostics.closed_loop.max_step=0.5",
         "algorithm.steer.w_min=0.8"]
@@ -57,6 +59,7 @@ def test_probe_logs_finite_correlations_and_closed_loop_moves_w_min_then_the_lr(
             assert math.isfinite(r[f"diag/pearson_{form}"]) and math.isfinite(r[f"diag/spearman_{form}"])
         assert r["diag/tokens"] > 0 and math.isfinite(r["diag/measured_dH_mean"])
         assert r["diag/step_dH"] != 0 and r["diag/in_band"] == 0.0
+        assert (r["diag/step_scale"], r["diag/trims"], r["diag/step_dH_raw"]) == (1.0, 0.0, r["diag/step_dH"])
     # the probe measures the same held batch (the run's first rollout batch) every step
     assert len({r["diag/tokens"] for r in rows}) == 1
     # the values each step trained with: w_min 0.8 -> 0.8 e^0.5 = 1.32, past its ceiling, so w_min 1 and
@@ -77,6 +80,35 @@ def test_resume_continues_the_w_min_and_lr_scale_sequence_and_the_probe(runs):
     assert_same_metrics(_rows(cut), _rows(full))
 
 
+def test_trim_shrinks_steps_that_overshoot_the_band(tmp_path):
+    """A band of small entropy rises: on this small demo the steps raise the entropy, by more than
+    the band at first. A step past the band is scaled back and re-measured (the rescaling itself
+    is checked against recorded weights in tests/test_step_trim.py); one short of it, or inside
+    it, is left alone."""
+    from steer_megatron.demo_assets.assets import build_demo_assets
+
+    lo, hi, min_scale = 0.0002, 0.001, 0.25
+    args = SMALL + [f"demo.cache_dir={tmp_path / 'assets'}", f"trainer.output_dir={tmp_path}", "trainer.total_steps=3",
+                    "diagnostics.closed_loop.enabled=true", f"diagnostics.closed_loop.band=[{lo},{hi}]",
+                    "diagnostics.closed_loop.trims=2", f"diagnostics.closed_loop.min_step_scale={min_scale}",
+                    "trainer.run_name=trim"]
+    build_demo_assets(load_config(None, args).demo)
+    rows = _rows(Path(spawn_ranks(train_worker, 1, args)[0]))
+    centre, trimmed = (lo + hi) / 2, 0
+    for r in rows:
+        raw, dh, s, n = r["diag/step_dH_raw"], r["diag/step_dH"], r["diag/step_scale"], r["diag/trims"]
+        if lo <= raw <= hi or not 0 < centre < raw:  # inside, or short of the band: nothing to trim
+            assert (s, n, dh) == (1.0, 0.0, raw)
+            continue
+        trimmed += 1
+        # at most 2 tries and one pass to go back to the best of them; never further from the band
+        miss = lambda x: max(lo - x, x - hi, 0.0)  # noqa: E731
+        assert min_scale <= s <= 1 and 1 <= n <= 3 and miss(dh) <= miss(raw) + 1e-6
+        assert lo <= dh <= hi or n >= 2 or s == min_scale  # stops once inside, or out of tries
+        assert r["diag/in_band"] == float(lo <= dh <= hi)
+    assert trimmed >= 1, [(r["diag/step_dH_raw"], r["diag/step_dH"]) for r in rows]
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["diagnostics.closed_loop.enabled=true", "algorithm.policy_loss=grpo"], "needs algorithm.policy_loss=steer"),
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.band=[0.01,-0.01]"], r"closed_loop.band=.*low < high"),
@@ -89,6 +121,8 @@ def test_resume_continues_the_w_min_and_lr_scale_sequence_and_the_probe(runs):
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.lr_scale_bounds=[0.5]"], r"lr_scale_bounds=\[0.5\]"),
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.lr_scale_bounds=[0.25,1.0]",
       "diagnostics.closed_loop.band=[-0.004,0.001]"], r"band's high end must be <= 0; lower it or set lr_scale_bounds"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.trims=-1"], r"trims=-1 and min_step_scale"),
+    (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.min_step_scale=0"], r"0 < min_step_scale <= 1"),
     (["diagnostics.probe_every=-1"], "diagnostics.probe_every=-1"),
     (["diagnostics.probe_prompts=999"], "diagnostics.probe_prompts=999"),
 ])

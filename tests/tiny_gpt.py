@@ -43,3 +43,26 @@ def unshard(name, shards):
     if any(k in name for k in ("linear_proj.weight", "linear_fc2.weight")):
         return torch.cat(shards, 1)
     return shards[0]
+
+
+def rl_batch(vocab: int, spans: list[tuple[int, int]], seq: int = 16, seed: int = 1):
+    """Random token ids for len(spans) sequences of `seq` tokens, a response mask over
+    [start, stop) of the seq - 1 predicted positions, and one random advantage per sequence."""
+    from steer_megatron.train.actor import ActorBatch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(spans), seq), generator=g)
+    mask = torch.zeros(len(spans), seq - 1, dtype=torch.bool)
+    for i, (start, stop) in enumerate(spans):
+        mask[i, start:stop] = True
+    return ActorBatch(input_ids=ids, loss_mask=mask, advantages=torch.randn(len(spans), generator=g)[:, None] * mask)
+
+
+@torch.no_grad()
+def plain_entropy(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Float64 entropy at every predicted position, from the model's raw logits (padded vocab
+    columns dropped): an independent reference for token_stats."""
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    logits = model(ids, pos, None)[:, :-1, :vocab].double()
+    lp = torch.log_softmax(logits, -1)
+    return -(lp.exp() * lp).sum(-1)

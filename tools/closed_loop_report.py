@@ -5,8 +5,9 @@
 
 Runs need `diag/step_dH` (diagnostics.step_change=true or the closed loop on). For each run it
 prints the steps whose dH lies in the band (all steps, and from step `--settle` + 1 on), mean and
-sd of dH, the entropy at the last step, the mean reward over the last 5 steps, the eval scores
-and the w_min / LR-scale path; `--json` writes the same numbers. The band is given here, not read
+sd of dH, the entropy at the last step, the mean reward over the last 5 steps, the eval scores,
+the w_min / LR-scale path and, with closed_loop.trims, each step's change before the trim and
+the fraction of the step kept; `--json` writes the same numbers. The band is given here, not read
 from the runs, so an open-loop run is counted against the same band as a closed-loop one.
 """
 from __future__ import annotations
@@ -40,6 +41,11 @@ def summarise(rows: list[dict], band: tuple[float, float], settle: int) -> dict:
         "entropy_last": steps[-1].get("actor/entropy"), "reward_last5": statistics.fmean(rewards[-5:]) if rewards else None,
         "eval_mean@4": evals, "dH": dh,
         "w_min": [r.get("diag/w_min") for r in steps], "lr_scale": [r.get("diag/lr_scale") for r in steps],
+        # with closed_loop.trims: each step's change before the trim, and the fraction of the step kept
+        "dH_raw": [r.get("diag/step_dH_raw") for r in steps], "step_scale": [r.get("diag/step_scale") for r in steps],
+        "raw_in_band": inside([r["diag/step_dH_raw"] for r in steps if "diag/step_dH_raw" in r]),
+        "mean_step_scale": statistics.fmean(x) if (x := [r["diag/step_scale"] for r in steps if "diag/step_scale" in r])
+        else None,
     }
 
 
@@ -54,7 +60,10 @@ def plot(runs: dict[str, list[dict]], band: tuple[float, float], out: Path) -> N
     for name, rows in runs.items():
         pts = [(r["step"], r["diag/step_dH"]) for r in rows if "diag/step_dH" in r]
         (line,) = ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-        for key, style in (("diag/w_min", "-"), ("diag/lr_scale", "--")):
+        raw = [(r["step"], r["diag/step_dH_raw"]) for r in rows if r.get("diag/step_scale", 1.0) < 1.0]
+        if raw:  # trimmed steps: where the whole step would have gone
+            ax.plot(*zip(*raw), "x", ms=4, color=line.get_color(), alpha=0.6, label=f"{name}: before the trim")
+        for key, style in (("diag/w_min", "-"), ("diag/lr_scale", "--"), ("diag/step_scale", ":")):
             ctl = [(r["step"], r[key]) for r in rows if key in r]
             if ctl and any(v != 1.0 for _, v in ctl):  # an LR scale that never left 1 is left out
                 ax2.plot(*zip(*ctl), style, color=line.get_color(), label=f"{name}: {key.split('/')[1]}")
@@ -94,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  dH:       {fmt(s['dH'])}")
         if any(w is not None for w in s["w_min"]):
             print(f"  w_min:    {fmt(s['w_min'])}\n  lr_scale: {fmt(s['lr_scale'])}")
+        if s["mean_step_scale"] is not None:
+            print(f"  trimmed:  {sum(x < 1 for x in s['step_scale'] if x is not None)} steps, mean step kept "
+                  f"{s['mean_step_scale']:.3f}; before the trim {s['raw_in_band']}/{s['steps']} in band")
+            print(f"  dH raw:   {fmt(s['dH_raw'])}\n  scale:    {fmt(s['step_scale'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(summaries, indent=1))
     if args.out:

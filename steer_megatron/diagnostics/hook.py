@@ -6,7 +6,9 @@
 - Step change (diagnostics.step_change, implied by the closed loop): the step's own mean
   entropy change H_after - H_before over its batch (one extra forward pass).
 - Closed loop (diagnostics.closed_loop): WMinController sets STEER's w_min (and, past w_min's
-  bounds, an LR multiplier) for the next step.
+  bounds, an LR multiplier) for the next step. With closed_loop.trims, a step whose change lies
+  outside the band is first scaled back and re-measured (step_trim.py); the loop then sees the
+  change of the weights it keeps.
 
 `state_dict()` (JSON) goes into the checkpoint's `extra`: the controller and a reference to the
 held batch, so a resumed run probes the same batch and continues the same w_min / LR-scale sequence.
@@ -23,6 +25,7 @@ from steer_megatron.config import RunConfig
 from steer_megatron.diagnostics.controller import WMinController, step_entropy_change
 from steer_megatron.diagnostics.entropy_change import EntropyChangeData
 from steer_megatron.diagnostics.measure import EntropyProbe
+from steer_megatron.diagnostics.step_trim import StepTrim, search_step_scale
 from steer_megatron.train.actor import ActorBatch, MegatronActor
 from steer_megatron.train.control import ControlPlane
 
@@ -68,7 +71,9 @@ class DiagnosticsHook:
         self.probe_every, self.band = d.probe_every, tuple(d.closed_loop.band)  # in_band is logged open loop too
         self.probe_seqs = d.probe_prompts * cfg.rollout.n  # 0 = the whole first batch
         self.step_change = d.step_change or d.closed_loop.enabled
-        self.ctrl = None
+        self.ctrl, self.trim = None, None
+        self.trims = d.closed_loop.trims if d.closed_loop.enabled else 0
+        self.min_step_scale = d.closed_loop.min_step_scale
         if d.closed_loop.enabled:
             c = d.closed_loop
             self.ctrl = WMinController(c.band[0], c.band[1], w_min_init=cfg.algorithm.steer.w_min,
@@ -106,6 +111,11 @@ class DiagnosticsHook:
         self.probe = EntropyProbe(self.probe_every, held.dp_slice(ps.get_data_parallel_rank(), self.dp))
 
     # -- a step -----------------------------------------------------------------------------------
+    def before_update(self, actor: MegatronActor) -> None:
+        """Keep the weights the step starts from, when steps may be trimmed."""
+        if self.trims:
+            self.trim = StepTrim(actor)
+
     def after_update(self, step: int, actor: MegatronActor, batch: ActorBatch, local: ActorBatch) -> dict[str, float]:
         """Collective. `batch` is the step's whole rollout batch, `local` this rank's slice after the
         update (with old_entropy). Returns the `diag/*` metrics of step + 1 (complete on rank 0)."""
@@ -129,17 +139,26 @@ class DiagnosticsHook:
         return None if pieces is None else _concat([p for p in pieces if p is not None])
 
     def _step_change(self, actor: MegatronActor, local: ActorBatch) -> dict[str, float]:
-        dh = step_entropy_change(actor, local)  # DP mean on the last pipeline stage, None elsewhere
-        # every rank (every pipeline stage too) feeds its controller the same number
-        dh = next(v for v in self.control.all_gather(dh) if v is not None)
         lo, hi = self.band
-        out = {"diag/step_dH": dh, "diag/in_band": float(lo <= dh <= hi)}
+        dh = raw = self._measure(actor, local)
+        out = {}
+        if self.trim is not None:
+            s, dh, passes = search_step_scale(lambda: self._measure(actor, local), self.trim.scale, raw, lo, hi,
+                                              self.trims, self.min_step_scale)
+            out = {"diag/step_dH_raw": raw, "diag/step_scale": s, "diag/trims": float(passes)}
+            self.trim = None  # the step is committed; free the copy
+        out.update({"diag/step_dH": dh, "diag/in_band": float(lo <= dh <= hi)})
         if self.ctrl is not None:
             out["diag/w_min"] = self.ctrl.w_min  # the w_min and LR scale this step trained with
             out["diag/lr_scale"] = self.ctrl.lr_scale
             self.ctrl.update(dh)
             actor.cfg = self.ctrl.actuate(actor.cfg)
         return out
+
+    def _measure(self, actor: MegatronActor, local: ActorBatch) -> float:
+        dh = step_entropy_change(actor, local)  # DP mean on the last pipeline stage, None elsewhere
+        # every rank (every pipeline stage too) sees the same number
+        return next(v for v in self.control.all_gather(dh) if v is not None)
 
     def state_dict(self) -> dict:
         return {"controller": self.ctrl.state_dict() if self.ctrl else None, "probe_batch": self.held_ref}

@@ -32,6 +32,32 @@ def _torch_optimizers(optimizer) -> list:
     return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
+def trained_tensors(actor: MegatronActor) -> list[torch.Tensor]:
+    """Every tensor an optimizer step writes, each piece of memory once: the model's parameters
+    (in megatron DDP's param buffer) and the optimizer's own parameters (fp32 main copies under
+    bf16). An optimizer parameter that is a view into a model parameter (the distributed
+    optimizer's shards of fp32 weights) is left out, so an in-place update is not applied twice."""
+    params = list(actor.model.parameters())
+    for opt in _torch_optimizers(actor.optimizer):
+        params += [p for g in opt.param_groups for p in g["params"]]
+    spans = {}
+    for p in params:
+        if not p.is_contiguous():
+            raise RuntimeError(f"a trained tensor of shape {tuple(p.shape)} is not contiguous; its memory span is unknown")
+        start = p.data_ptr()
+        spans.setdefault((p.device, start, start + p.numel() * p.element_size()), p)
+    kept, reach = [], {}
+    for device, start, end in sorted(spans, key=lambda k: (str(k[0]), k[1], -k[2])):
+        top = reach.get(device, -1)
+        if end <= top:  # inside memory already kept
+            continue
+        if start < top:
+            raise RuntimeError("two trained tensors overlap without one containing the other; cannot update them in place")
+        reach[device] = end
+        kept.append(spans[(device, start, end)])
+    return kept
+
+
 class TrainingSnapshot:
     """A copy of the state one `actor.update` changes; `restore()` puts it back (repeatable).
 
@@ -46,12 +72,8 @@ class TrainingSnapshot:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         self.actor = actor
-        params = list(actor.model.parameters())
         self.opts = _torch_optimizers(actor.optimizer)
-        for opt in self.opts:
-            params += [p for g in opt.param_groups for p in g["params"]]
-        unique = {id(p): p for p in params}
-        self.params = [(p, p.detach().clone()) for p in unique.values()]
+        self.params = [(p, p.detach().clone()) for p in trained_tensors(actor)]
         self.opt_state = [{p: {k: _clone(v) for k, v in s.items()} for p, s in opt.state.items()} for opt in self.opts]
         self.groups = [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.opts]
         subs = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])

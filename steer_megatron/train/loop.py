@@ -88,6 +88,8 @@ def train(cfg: RunConfig) -> Path:
             local.old_log_prob, local.old_entropy = actor.compute_log_probs(local)
             timing["timing/old_logprob_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
+            if diag:
+                diag.before_update(actor)  # keeps the starting weights when the closed loop may trim the step
             train_metrics = actor.update(local)
             on_last_stage = local.old_log_prob is not None  # where the statistics and the loss live
             if on_last_stage:
