@@ -196,7 +196,9 @@ class DemoConfig:
 class ClosedLoopConfig:
     """Move STEER's w_min each step to hold the step's measured entropy change inside `band`
     (steer_megatron.diagnostics.controller.WMinController). Needs algorithm.policy_loss=steer.
-    Past w_min's bounds the loop can go on to scale the LR (lr_scale_bounds; off by default)."""
+    Past w_min's bounds the loop can go on to scale the LR (lr_scale_bounds; off by default), and
+    with trims > 0 it scales back, inside the step, a step that overshot the band
+    (steer_megatron.diagnostics.step_trim)."""
 
     enabled: bool = False
     band: list[float] = field(default_factory=lambda: [-0.004, -0.001])  # [low, high], nats/token per step

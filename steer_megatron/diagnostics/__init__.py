@@ -7,9 +7,11 @@ from steer_megatron.diagnostics.entropy_change import (
 )
 from steer_megatron.diagnostics.hook import DiagnosticsHook
 from steer_megatron.diagnostics.measure import EntropyProbe, TrainingSnapshot, measure_entropy_change
+from steer_megatron.diagnostics.step_trim import StepTrim, next_trim_scale, search_step_scale
 
 __all__ = [
-    "FORMS", "DiagnosticsHook", "EntropyChangeData", "EntropyProbe", "TrainingSnapshot", "WMinController", "analyze",
-    "average_ranks", "flat_metrics", "measure_entropy_change", "omega_forms", "pearson", "plot_binned_scatter",
-    "plot_entropy_relation", "sign_agreement", "spearman", "step_entropy_change",
+    "FORMS", "DiagnosticsHook", "EntropyChangeData", "EntropyProbe", "StepTrim", "TrainingSnapshot", "WMinController",
+    "analyze", "average_ranks", "flat_metrics", "measure_entropy_change", "next_trim_scale", "omega_forms", "pearson",
+    "plot_binned_scatter", "plot_entropy_relation", "search_step_scale", "sign_agreement", "spearman",
+    "step_entropy_change",
 ]
