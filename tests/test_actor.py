@@ -5,7 +5,7 @@ from steer_megatron.loss import PolicyLossConfig
 from steer_megatron.parallel import ParallelLayout, init_parallel, spawn_ranks
 from steer_megatron.train.actor import ActorBatch, ActorConfig, MegatronActor
 from steer_megatron.train.optim import OptimSettings, wrap_for_training
-from tests.tiny_gpt import build_tiny_gpt, shard
+from tests.tiny_gpt import build_tiny_gpt, rl_batch, shard
 
 VOCAB = 150
 
@@ -138,3 +138,17 @@ def test_fused_lm_head_update_equals_logits_path_tp2():
 def test_fused_lm_head_update_equals_logits_path_tied_embeddings():
     full = spawn_ranks(full_weights_worker, 1, True)[0]
     _check_fused_matches(spawn_ranks(fused_worker, 1, 1, True, full))
+
+
+def test_padded_rows_are_masked_copies_of_the_first():
+    """How a short last micro-batch is filled up under pipeline parallelism (the PP = 2 trainer
+    run in tests/test_trainer.py goes through it with the parity probe's 2 prompts)."""
+    batch = rl_batch(50, [(2, 6), (3, 9), (1, 4)], seq=10)
+    batch.old_log_prob = torch.randn(3, 9)
+    out = batch.padded(2)
+    assert len(out) == 5 and out.rollout_log_prob is None
+    for name in ("input_ids", "advantages", "old_log_prob"):
+        t = getattr(out, name)
+        assert torch.equal(t[:3], getattr(batch, name)) and torch.equal(t[3], t[0]) and torch.equal(t[4], t[0])
+    assert torch.equal(out.loss_mask[:3], batch.loss_mask) and not out.loss_mask[3:].any()
+    assert batch.loss_mask[0].any()  # the original is untouched

@@ -80,20 +80,33 @@ def test_resume_continues_the_w_min_and_lr_scale_sequence_and_the_probe(runs):
     assert_same_metrics(_rows(cut), _rows(full))
 
 
-def test_trim_shrinks_steps_that_overshoot_the_band(tmp_path):
-    """A band of small entropy rises: on this small demo the steps raise the entropy, by more than
-    the band at first. A step past the band is scaled back and re-measured (the rescaling itself
-    is checked against recorded weights in tests/test_step_trim.py); one short of it, or inside
-    it, is left alone."""
+TRIM_BAND = (0.0002, 0.001)
+
+
+@pytest.fixture(scope="module")
+def trim_runs(tmp_path_factory):
+    """The trim with a band of small entropy rises (on this small demo the first steps raise the
+    entropy by more than that), and the probe, at PP = 1 and at PP = 2 (two pipeline stages)."""
     from steer_megatron.demo_assets.assets import build_demo_assets
 
-    lo, hi, min_scale = 0.0002, 0.001, 0.25
-    args = SMALL + [f"demo.cache_dir={tmp_path / 'assets'}", f"trainer.output_dir={tmp_path}", "trainer.total_steps=3",
-                    "diagnostics.closed_loop.enabled=true", f"diagnostics.closed_loop.band=[{lo},{hi}]",
-                    "diagnostics.closed_loop.trims=2", f"diagnostics.closed_loop.min_step_scale={min_scale}",
-                    "trainer.run_name=trim"]
+    root = tmp_path_factory.mktemp("trim_runs")
+    lo, hi = TRIM_BAND
+    args = SMALL + [f"demo.cache_dir={root / 'assets'}", f"trainer.output_dir={root}", "trainer.total_steps=3",
+                    "diagnostics.probe_every=1", "diagnostics.closed_loop.enabled=true",
+                    f"diagnostics.closed_loop.band=[{lo},{hi}]", "diagnostics.closed_loop.trims=2",
+                    "diagnostics.closed_loop.min_step_scale=0.25"]
     build_demo_assets(load_config(None, args).demo)
-    rows = _rows(Path(spawn_ranks(train_worker, 1, args)[0]))
+    pp1 = _rows(Path(spawn_ranks(train_worker, 1, args + ["trainer.run_name=pp1"])[0]))
+    pp2 = _rows(Path(spawn_ranks(train_worker, 2, args + ["trainer.run_name=pp2", "parallel.pp=2"])[0]))
+    return pp1, pp2
+
+
+def test_trim_shrinks_steps_that_overshoot_the_band(trim_runs):
+    """A step past the band is scaled back and re-measured (the rescaling itself is checked
+    against recorded weights in tests/test_step_trim.py); one short of it, or inside it, is left
+    alone."""
+    rows, _ = trim_runs
+    (lo, hi), min_scale = TRIM_BAND, 0.25
     centre, trimmed = (lo + hi) / 2, 0
     for r in rows:
         raw, dh, s, n = r["diag/step_dH_raw"], r["diag/step_dH"], r["diag/step_scale"], r["diag/trims"]
@@ -107,6 +120,20 @@ def test_trim_shrinks_steps_that_overshoot_the_band(tmp_path):
         assert lo <= dh <= hi or n >= 2 or s == min_scale  # stops once inside, or out of tries
         assert r["diag/in_band"] == float(lo <= dh <= hi)
     assert trimmed >= 1, [(r["diag/step_dH_raw"], r["diag/step_dH"]) for r in rows]
+
+
+def test_trim_and_probe_give_the_same_numbers_on_two_pipeline_stages(trim_runs):
+    """Every stage scales its own weights by the same s, and the change measured on the last
+    stage reaches both: the PP = 2 run trims the same steps by the same fractions as PP = 1."""
+    pp1, pp2 = trim_runs
+    assert [r["step"] for r in pp2] == [r["step"] for r in pp1] == [1, 2, 3]
+    for a, b in zip(pp1, pp2):
+        for key in ("diag/step_dH_raw", "diag/step_dH", "diag/step_scale"):
+            assert b[key] == pytest.approx(a[key], rel=0, abs=1e-5), key
+        assert b["diag/trims"] == a["diag/trims"] and b["diag/tokens"] == a["diag/tokens"]
+        for form in ("release", "exact", "exact_ppo"):
+            assert b[f"diag/pearson_{form}"] == pytest.approx(a[f"diag/pearson_{form}"], abs=1e-3)
+    assert any(r["diag/step_scale"] < 1 for r in pp2)
 
 
 @pytest.mark.parametrize("overrides, match", [

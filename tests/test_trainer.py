@@ -48,7 +48,7 @@ def train_worker(overrides):
     return str(train(load_config(None, overrides)))
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=1"]], ids=["tp2", "dp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=1"], ["parallel.pp=2"]], ids=["tp2", "dp2", "pp2"])
 def test_two_rank_training_steps_and_rollouts_see_new_weights(tmp_path, demo_cache, layout):
     over = _overrides(tmp_path, demo_cache, "trainer.total_steps=2", "trainer.run_name=r", *layout)
     run_dir = Path(spawn_ranks(train_worker, 2, over)[0])

@@ -126,11 +126,11 @@ def step_entropy_change(actor: MegatronActor, batch: ActorBatch) -> float | None
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if batch.old_entropy is None:
-        raise ValueError("step_entropy_change needs batch.old_entropy from the pre-update compute_log_probs")
-    _, after = actor.compute_log_probs(batch)
+    _, after = actor.compute_log_probs(batch)  # collective over the pipeline: every stage runs it
     if after is None:
         return None
+    if batch.old_entropy is None:
+        raise ValueError("step_entropy_change needs batch.old_entropy from the pre-update compute_log_probs")
     mask = batch.loss_mask.bool()
     total = torch.stack([(after - batch.old_entropy)[mask].double().sum(), mask.sum().double()])
     if dist.is_initialized():

@@ -58,6 +58,15 @@ class ActorBatch:
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
                                 for f in fields(self)})
 
+    def padded(self, rows: int) -> "ActorBatch":
+        """`rows` more rows, copies of the first with loss_mask False: they add nothing to any loss or statistic."""
+        def grow(t):
+            return None if t is None else torch.cat([t, t[:1].expand(rows, *t.shape[1:])])
+
+        out = replace(self, **{f.name: grow(getattr(self, f.name)) for f in fields(self)})
+        out.loss_mask[len(self):] = False
+        return out
+
 
 @dataclass(frozen=True)
 class ActorConfig:
@@ -166,7 +175,13 @@ class MegatronActor:
         """megatron's forward/backward schedule over micro-batches of `batch`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron.core import parallel_state as ps
+
         mbs = self.cfg.micro_batch_size
+        if len(batch) % mbs and ps.get_pipeline_model_parallel_world_size() > 1:
+            # pipeline stages exchange activations of one fixed [seq, mbs, hidden] shape, so a short
+            # last micro-batch (the parity probe's few prompts, a diagnostics slice) is filled up
+            batch = batch.padded(mbs - len(batch) % mbs)
         micro = [batch.slice(i, i + mbs) for i in range(0, len(batch), mbs)]
         seq = batch.input_ids.shape[1]
 
@@ -193,7 +208,8 @@ class MegatronActor:
         self.model.train()
         if not _is_last_stage():
             return None, None
-        return torch.cat([o["logprob"] for o in out]), torch.cat([o["entropy"] for o in out])
+        n = len(batch)  # without the rows run_schedule may have added
+        return torch.cat([o["logprob"] for o in out])[:n], torch.cat([o["entropy"] for o in out])[:n]
 
     # -- update -------------------------------------------------------------------------------
     def _global_tokens(self, mini: ActorBatch) -> torch.Tensor:
