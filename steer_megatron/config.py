@@ -416,6 +416,10 @@ def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
                           f"data-parallel ranks x whole micro-batches of trainer.micro_batch_size={tr.micro_batch_size}; "
                           f"use a multiple of {dp * tr.micro_batch_size // math.gcd(dp * tr.micro_batch_size, n)} prompts")
     c = d.closed_loop
+    if c.trims and not c.enabled:
+        raise ConfigError(f"diagnostics.closed_loop.trims={c.trims} trims steps against the closed loop's band: set "
+                          f"diagnostics.closed_loop.enabled=true (pin w_min with w_min_bounds=[w,w] for the trim alone), "
+                          f"or trims=0")
     if not c.enabled:
         return
     if cfg.algorithm.policy_loss != "steer":

@@ -149,6 +149,7 @@ def test_trim_and_probe_give_the_same_numbers_on_two_pipeline_stages(trim_runs):
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.lr_scale_bounds=[0.25,1.0]",
       "diagnostics.closed_loop.band=[-0.004,0.001]"], r"band's high end must be <= 0; lower it or set lr_scale_bounds"),
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.trims=-1"], r"trims=-1 and min_step_scale"),
+    (["diagnostics.closed_loop.trims=2"], r"trims=2 trims steps against the closed loop's band: set .*enabled=true"),
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.min_step_scale=0"], r"0 < min_step_scale <= 1"),
     (["diagnostics.probe_every=-1"], "diagnostics.probe_every=-1"),
     (["diagnostics.probe_prompts=999"], "diagnostics.probe_prompts=999"),

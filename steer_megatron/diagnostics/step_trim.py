@@ -11,9 +11,8 @@ backtracks on the measured KL (Schulman et al. 2015, arXiv 1502.05477, appendix 
 It only ever shrinks the step the optimizer took: growing it would go past where its gradients
 were computed, while a shrunk step stays on the optimizer's own path. So it can only help when
 the band lies between 0 and the step's change (a step that lost too much entropy, for a band of
-losses). The
-optimizer's moments keep the whole step's gradients; only the weights move back. What the loop
-logs as the step's change is measured on the weights it keeps.
+losses). The optimizer's moments keep the whole step's gradients; only the weights move back.
+What the loop logs as the step's change is measured on the weights it keeps.
 """
 from __future__ import annotations
 
