@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from steer_megatron.config import ConfigError, load_config, validate_config
 from steer_megatron.parallel import spawn_ranks
@@ -128,8 +129,19 @@ def test_trim_and_probe_give_the_same_numbers_on_two_pipeline_stages(trim_runs):
     pp1, pp2 = trim_runs
     assert [r["step"] for r in pp2] == [r["step"] for r in pp1] == [1, 2, 3]
     for a, b in zip(pp1, pp2):
-        for key in ("diag/step_dH_raw", "diag/step_dH", "diag/step_scale"):
-            assert b[key] == pytest.approx(a[key], rel=0, abs=1e-5), key
+        # The two layouts reduce in different orders, so their fp32 weights after a step differ by
+        # rounding, and each measured change (a difference of two fp32 mean entropies of size H) by
+        # a few ulps of H: 64 ulps bounds it with room (about 0.5 ulp is typical).
+        ulp_h = torch.finfo(torch.float32).eps * max(a["actor/entropy"], b["actor/entropy"])
+        diffs = [abs(b[k] - a[k]) for k in ("diag/step_dH_raw", "diag/step_dH")]
+        assert max(diffs) <= 64 * ulp_h, (diffs, ulp_h)
+        # The scale is computed from those changes (s = centre / dH on the first interpolation, at most
+        # two interpolations): it may move by s * (its inputs' difference / their size) per
+        # interpolation, not by a fixed amount.
+        noise = max(*diffs, ulp_h)
+        s = a["diag/step_scale"]
+        tol = 4 * s * noise / min(abs(a["diag/step_dH_raw"]), abs(a["diag/step_dH"]))
+        assert abs(b["diag/step_scale"] - s) <= tol, (b["diag/step_scale"], s, tol)
         assert b["diag/trims"] == a["diag/trims"] and b["diag/tokens"] == a["diag/tokens"]
         for form in ("release", "exact", "exact_ppo"):
             assert b[f"diag/pearson_{form}"] == pytest.approx(a[f"diag/pearson_{form}"], abs=1e-3)
