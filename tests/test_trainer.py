@@ -152,3 +152,14 @@ def test_resume_at_another_layout_continues_the_run(tmp_path, demo_cache):
         assert meta["layout"] == layout
         assert (meta["extra"]["sampler"]["epoch"], meta["extra"]["sampler"]["position"]) == (0, 8 * step)
     assert (run / "DONE").is_file()
+
+
+def test_kl_penalty_to_the_frozen_initial_policy(tmp_path, demo_cache):
+    """algorithm.kl_coef > 0: every step adds a KL to the initial weights (train/reference.py). At
+    step 1 the policy starts at the reference (KL 0 on the first mini-batch, and on the others too if
+    the first left the weights in place); as the policy moves away the KL grows."""
+    over = _overrides(tmp_path, demo_cache, "trainer.total_steps=3", "trainer.run_name=kl",
+                      "algorithm.kl_coef=0.1", "algorithm.policy_loss=grpo")
+    rows = [r for r in _metrics(spawn_ranks(train_worker, 1, over)[0]) if "actor/pg_loss" in r]
+    kl = [r["actor/kl_ref"] for r in rows]
+    assert len(kl) == 3 and 0 <= kl[0] <= kl[1] < kl[2], kl

@@ -25,6 +25,7 @@ from steer_megatron.train.actor import ActorConfig, MegatronActor
 from steer_megatron.train.control import ControlPlane, StopRequest
 from steer_megatron.train.driver import Driver
 from steer_megatron.train.optim import wrap_for_training
+from steer_megatron.train.reference import ReferencePolicy
 from steer_megatron.train.run_dir import RunDir
 from steer_megatron.train.settings import DTYPES, optim_settings, policy_loss_config
 from steer_megatron.train.weights import WeightPublisher
@@ -61,6 +62,10 @@ def train(cfg: RunConfig) -> Path:
         mini_batch_size=cfg.trainer.mini_batch_size * n // dp, ppo_epochs=cfg.trainer.ppo_epochs,
         policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg), loss_kernel=cfg.algorithm.loss_kernel,
         fused_lm_head=cfg.algorithm.fused_lm_head), scheduler)
+    # the initial policy, frozen, when the loss has a KL penalty to it
+    reference = ReferencePolicy.build(arch, cfg.model.hf_path, params_dtype=DTYPES[cfg.model.dtype],
+                                      padded_vocab=vocab.padded_size, cfg=actor.cfg,
+                                      seed=cfg.trainer.seed) if cfg.algorithm.kl_coef > 0 else None
     start_step, sampler_state, diag_state = 0, None, None
     if latest:  # same data order, RNG, optimizer, LR schedule and diagnostics as if never stopped
         meta = load_checkpoint(latest, ddp, optimizer)
@@ -86,6 +91,8 @@ def train(cfg: RunConfig) -> Path:
             local = batch.dp_slice(ps.get_data_parallel_rank(), dp)
             t1 = time.perf_counter()
             local.old_log_prob, local.old_entropy = actor.compute_log_probs(local)
+            if reference:
+                local.ref_log_prob = reference.log_probs(local)
             timing["timing/old_logprob_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             if diag:
