@@ -171,7 +171,7 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
-    console: bool = True
+    console: bool = True  # print each step's metrics table (the progress bar is always shown)
 
 
 @dataclass

@@ -180,7 +180,8 @@ class Driver:
             if report.parity is not None:
                 metrics["sync/parity_max_abs_diff"] = report.parity.max_abs_diff
         self.log(step, metrics)
-        print_step_summary(step, metrics, self.console)
+        if self.cfg.logging.console:  # the per-step table; the progress bar and warnings stay either way
+            print_step_summary(step, metrics, self.console)
         self.progress.update(self.task, completed=step)
 
     def evaluate(self, step: int) -> dict[str, float]:
