@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,15 +36,20 @@ class ModelConfig:
     hf_path: Optional[str] = None
     tokenizer_path: Optional[str] = None  # defaults to hf_path
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
+    # activation recompute (megatron-core): none | selective (attention's core, cheap to redo) |
+    # full (every layer's input kept, the layer re-run in backward)
+    recompute: str = "none"
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    cp: int = 1
-    sequence_parallel: bool = False
+    cp: int = 1  # context parallelism: needs Transformer Engine's attention (refused without it)
+    sequence_parallel: bool = False  # needs tp > 1
+    distributed_optimizer: bool = False  # ZeRO-1: optimizer state and fp32 main weights sharded over DP
+    overlap_grad_reduce: bool = False  # DP gradient reduction in buckets during the backward pass
+    overlap_param_gather: bool = False  # with distributed_optimizer: parameter all-gather during the next forward
 
 
 @dataclass
@@ -128,7 +134,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine
+    schedule: str = "constant"  # constant | linear | cosine (to min_lr_ratio * lr over the run's optimizer steps)
     min_lr_ratio: float = 0.0
 
 
@@ -304,6 +310,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.recompute": ("none", "selective", "full"),
     "data.on_malformed": ("error", "skip"),
     "rollout.engine": ("cpu", "sglang"),
     "algorithm.steer.form": ("release", "paper", "exact"),
@@ -312,7 +319,7 @@ _CHOICES = {
     "algorithm.adv.estimator": ("grpo",),
     "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "algorithm.loss_kernel": ("auto", "torch", "triton"),
-    "optim.schedule": ("constant", "cosine"),
+    "optim.schedule": ("constant", "linear", "cosine"),
 }
 _POSITIVE = (
     "parallel.tp", "parallel.pp", "parallel.cp", "data.max_prompt_len", "data.max_response_len",
@@ -358,11 +365,6 @@ def validate_config(
         raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min}: the exp mapping needs w_min < 1")
     if alg.tis_cap is not None and alg.tis_cap <= 0:
         raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 or null")
-    if alg.fused_lm_head and cfg.parallel.sequence_parallel:
-        raise ConfigError(
-            "algorithm.fused_lm_head=true does not support parallel.sequence_parallel=true yet; "
-            "set one of them to false"
-        )
     if ro.n < 2 and alg.adv.estimator == "grpo":
         raise ConfigError(f"rollout.n={ro.n}: GRPO needs at least 2 samples per prompt to form a group")
     if tr.rollout_batch_size % tr.mini_batch_size:
@@ -383,6 +385,14 @@ def validate_config(
         raise ConfigError(f"parallel.tp={tp} does not divide the model's {num_query_groups} query groups (KV heads)")
     if cfg.parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if cfg.parallel.overlap_param_gather and not cfg.parallel.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true gathers the distributed optimizer's shards: "
+                          "set parallel.distributed_optimizer=true too")
+    if cfg.parallel.cp > 1 and importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(
+            f"parallel.cp={cfg.parallel.cp}: megatron-core runs context parallelism only with Transformer Engine's "
+            "attention (TEDotProductAttention), and Transformer Engine is not installed; install the `gpu` extra "
+            "on a CUDA machine or set parallel.cp=1")
     dp = None
     if world_size is not None:
         model_ranks = tp * cfg.parallel.pp * cfg.parallel.cp

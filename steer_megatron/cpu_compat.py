@@ -71,6 +71,10 @@ def _seed_cpu(seed) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+
 def enable() -> bool:
     """Redirect CUDA-only calls to the CPU when no GPU is present. Idempotent.
 
@@ -92,6 +96,12 @@ def enable() -> bool:
         torch.cuda.manual_seed = _seed_cpu
         # The original defers through torch.cuda._lazy_call, which never runs on a CPU build.
         mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+        # Activation recompute re-runs megatron's forward inside autograd's backward, where no
+        # torch function mode is active (backward is entered from the mode's own handler), so the
+        # one device="cuda" allocation on that path (the causal mask) is redirected by name.
+        from megatron.core.fusions import fused_softmax
+
+        fused_softmax.get_default_causal_mask = _causal_mask
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.Event = _CpuEvent
         _CudaToCpu().__enter__()  # pushed for the lifetime of this (main) thread

@@ -78,9 +78,8 @@ def test_config_keys():
     with pytest.raises(ConfigError, match="algorithm.loss_kernel"):
         validate_config(load_config(None, ["algorithm.loss_kernel=cuda"]), check_paths=False)
     validate_config(load_config(None, ["algorithm.fused_lm_head=true"]), check_paths=False)
-    with pytest.raises(ConfigError, match="fused_lm_head"):
-        validate_config(load_config(None, ["algorithm.fused_lm_head=true", "parallel.tp=2",
-                                           "parallel.sequence_parallel=true"]), check_paths=False)
+    validate_config(load_config(None, ["algorithm.fused_lm_head=true", "parallel.tp=2",  # gathered (test_memory_knobs)
+                                       "parallel.sequence_parallel=true"]), check_paths=False)
 
 
 @pytest.mark.parametrize("chunk", [5, 16, 1000], ids=["chunks", "uneven", "one_chunk"])

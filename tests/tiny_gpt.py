@@ -6,7 +6,7 @@ from steer_megatron.loss import padded_vocab_size
 HIDDEN, HEADS, GROUPS, FFN = 64, 4, 2, 96
 
 
-def build_tiny_gpt(tp: int, vocab: int, layers: int = 2, pp: int = 1, tie: bool = False):
+def build_tiny_gpt(tp: int, vocab: int, layers: int = 2, pp: int = 1, tie: bool = False, **config_overrides):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -16,6 +16,7 @@ def build_tiny_gpt(tp: int, vocab: int, layers: int = 2, pp: int = 1, tie: bool 
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, normalization="RMSNorm", layernorm_epsilon=1e-6,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
+        **config_overrides,
     )
     return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=padded_vocab_size(vocab, tp),
                     max_sequence_length=64, position_embedding_type="rope", rotary_base=10000,

@@ -299,9 +299,18 @@ def build_gpt_model(
         rope_kwargs = dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling.factor)
     elif arch.rope_scaling.kind == "linear":
         rope_kwargs = dict(seq_len_interpolation_factor=arch.rope_scaling.factor)
+    spec = layer_spec(use_te)
+    if config.sequence_parallel:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+        if spec.submodules.input_layernorm is WrappedTorchNorm:  # local spec without apex: see models/norms.py
+            from steer_megatron.models.norms import with_sequence_parallel_norms
+
+            spec = with_sequence_parallel_norms(spec, get_num_layers_to_build(config))
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=spec,
         vocab_size=vocab.padded_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

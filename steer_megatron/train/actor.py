@@ -145,8 +145,7 @@ class MegatronActor:
             from steer_megatron.models.hf_import import unwrap
 
             gpt = unwrap(model)
-            if gpt.output_layer.sequence_parallel:
-                raise ValueError("fused_lm_head does not support sequence parallelism yet; set parallel.sequence_parallel=false")
+            self._sequence_parallel = gpt.output_layer.sequence_parallel
             self._tap = _HiddenStatesTap()
             gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
 
@@ -161,13 +160,22 @@ class MegatronActor:
         if self._tap is None:
             return token_stats(output[:, :-1], target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
                                chunk_tokens=self.cfg.chunk_tokens, p2_stats=p2_stats, kernel=self.cfg.loss_kernel)
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
 
         hidden, weight = self._tap.take()
+        # What ColumnParallelLinear does to its input, since each rank's fused backward holds only
+        # its vocab shard's part of d loss / d hidden: under sequence parallelism the [s / tp, b, H]
+        # shards are all-gathered and the gradient reduce-scattered back; otherwise identity
+        # forward and the gradient all-reduced over TP. The all-reduce must see the gradient of
+        # the layout the fused head returns: megatron reduces a contiguous copy of a strided one.
+        if self._sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         hidden = hidden.transpose(0, 1)[:, :-1]  # [s, b, H] -> [b, s - 1, H]
-        # what ColumnParallelLinear does to its input: identity forward, grad all-reduced over TP
-        # (each rank's fused backward holds only its vocab shard's part of d loss / d hidden)
-        hidden = copy_to_tensor_model_parallel_region(hidden)
+        if not self._sequence_parallel:
+            hidden = copy_to_tensor_model_parallel_region(hidden)
         return fused_linear_token_stats(hidden, weight, target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
                                         kernel=self.cfg.loss_kernel, p2_stats=p2_stats)
 
@@ -270,6 +278,10 @@ class MegatronActor:
                 grad_norms.append(float(grad_norm or 0.0))
                 if not ok:
                     raise FloatingPointError("optimizer step skipped: non-finite gradients (lower the LR or check the data)")
+        if getattr(self.model, "use_forward_hook", False):
+            # overlap_param_gather: the last step's parameter all-gather waits for the next forward;
+            # weight sync, checkpoints and diagnostics read the weights before that, so gather now
+            self.model.start_param_sync(force_sync=True)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         return metrics

@@ -27,7 +27,7 @@ from steer_megatron.train.driver import Driver
 from steer_megatron.train.optim import wrap_for_training
 from steer_megatron.train.reference import ReferencePolicy
 from steer_megatron.train.run_dir import RunDir
-from steer_megatron.train.settings import DTYPES, optim_settings, policy_loss_config
+from steer_megatron.train.settings import DTYPES, model_settings, optim_settings, policy_loss_config
 from steer_megatron.train.weights import WeightPublisher
 
 
@@ -52,7 +52,7 @@ def train(cfg: RunConfig) -> Path:
         latest = None if cfg.trainer.resume == "none" else cfg.trainer.resume
     meta = read_meta(latest) if latest else None
     model, vocab = build_gpt_model(arch, params_dtype=DTYPES[cfg.model.dtype], seed=cfg.trainer.seed,
-                                   padded_vocab=meta.padded_vocab_size if meta else None)
+                                   padded_vocab=meta.padded_vocab_size if meta else None, **model_settings(cfg))
     if not latest:
         load_hf_weights(model, cfg.model.hf_path, arch)
     ddp, optimizer, scheduler = wrap_for_training(model, optim_settings(cfg))
@@ -64,8 +64,8 @@ def train(cfg: RunConfig) -> Path:
         fused_lm_head=cfg.algorithm.fused_lm_head), scheduler)
     # the initial policy, frozen, when the loss has a KL penalty to it
     reference = ReferencePolicy.build(arch, cfg.model.hf_path, params_dtype=DTYPES[cfg.model.dtype],
-                                      padded_vocab=vocab.padded_size, cfg=actor.cfg,
-                                      seed=cfg.trainer.seed) if cfg.algorithm.kl_coef > 0 else None
+                                      padded_vocab=vocab.padded_size, cfg=actor.cfg, seed=cfg.trainer.seed,
+                                      **model_settings(cfg)) if cfg.algorithm.kl_coef > 0 else None
     start_step, sampler_state, diag_state = 0, None, None
     if latest:  # same data order, RNG, optimizer, LR schedule and diagnostics as if never stopped
         meta = load_checkpoint(latest, ddp, optimizer)

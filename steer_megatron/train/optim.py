@@ -19,6 +19,8 @@ class OptimSettings:
     decay_steps: int = 1_000_000  # optimizer steps over which the LR decays (constant if style is "constant")
     decay_style: str = "constant"
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs use_distributed_optimizer
     bf16: bool = False
 
     def __post_init__(self):
@@ -26,6 +28,8 @@ class OptimSettings:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         if self.decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(f"optim.decay_style={self.decay_style!r}: choose constant, linear or cosine")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs use_distributed_optimizer (it gathers the optimizer's shards)")
 
 
 def wrap_for_training(model: torch.nn.Module, settings: OptimSettings):
@@ -35,7 +39,8 @@ def wrap_for_training(model: torch.nn.Module, settings: OptimSettings):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_param_gather=settings.overlap_param_gather,
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(model.config, ddp_cfg, model)

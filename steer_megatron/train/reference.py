@@ -20,12 +20,13 @@ class ReferencePolicy:
 
     @classmethod
     def build(cls, arch, hf_path: str, *, params_dtype: torch.dtype, padded_vocab: int, cfg: ActorConfig,
-              seed: int) -> "ReferencePolicy":
+              seed: int, **model_settings) -> "ReferencePolicy":
         """Collective: every rank builds and loads its shard of the initial weights."""
         from steer_megatron.models.hf_config import build_gpt_model
         from steer_megatron.models.hf_import import load_hf_weights
 
-        model, _ = build_gpt_model(arch, params_dtype=params_dtype, seed=seed, padded_vocab=padded_vocab)
+        model, _ = build_gpt_model(arch, params_dtype=params_dtype, seed=seed, padded_vocab=padded_vocab,
+                                   **model_settings)
         load_hf_weights(model, hf_path, arch)
         return cls(model, cfg)
 

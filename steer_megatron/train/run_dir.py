@@ -4,7 +4,8 @@ A run name is an identity: a second config with the same name must not write int
 from) the first one's checkpoints. The identity is what the run learns, so the hash leaves out
 what legitimately changes between launches of one run: the step budget, the resume mode, where
 the rollout servers are, evaluation and logging, and how the model is laid out and fitted into
-memory (TP, PP, CP, sequence parallelism, activation recompute; the number of nodes is not in the
+memory (TP, PP, CP, sequence parallelism, the distributed optimizer and
+communication overlap, activation recompute; the number of nodes is not in the
 config at all). Extending, requeueing onto other nodes, or scaling a run up resumes it: the
 checkpoints reload at any layout and the data order continues from the sampler state they hold.
 """
@@ -26,7 +27,7 @@ def identity_hash(cfg: RunConfig) -> str:
         trainer=dataclasses.replace(cfg.trainer, total_steps=1, resume="auto", save_every=0, keep_last=1),
         rollout=dataclasses.replace(cfg.rollout, server_urls=[], router_url=None),
         parallel=type(cfg.parallel)(),
-        model=dataclasses.replace(cfg.model, gradient_checkpointing=False),
+        model=dataclasses.replace(cfg.model, recompute="none"),
         eval=type(cfg.eval)(), logging=type(cfg.logging)(),
     )
     return config_hash(neutral)
