@@ -80,6 +80,12 @@ class RolloutConfig:
     # weight-sync parity probe: largest |trainer - engine| log-prob allowed after an update
     # (fp32 on CPU agrees to ~1e-6; bf16 GPU engines need a looser bound)
     parity_atol: float = 1e-5
+    # how new weights reach the workers (steer_megatron.rollout.weight_sync.TRANSPORTS): disk |
+    # nccl (a process group from trainer rank 0 into the workers; gloo with the CPU engine)
+    weight_sync: str = "disk"
+    weight_sync_bucket_mb: int = 512  # nccl: tensors sent per update call
+    # nccl: trainer rank 0's address as the workers reach it; null = $MASTER_ADDR, else 127.0.0.1
+    weight_sync_address: Optional[str] = None
 
 
 @dataclass
@@ -313,6 +319,7 @@ _CHOICES = {
     "model.recompute": ("none", "selective", "full"),
     "data.on_malformed": ("error", "skip"),
     "rollout.engine": ("cpu", "sglang"),
+    "rollout.weight_sync": ("disk", "nccl"),
     "algorithm.steer.form": ("release", "paper", "exact"),
     "algorithm.steer.mapping": ("exp", "linear"),
     "algorithm.steer.group": ("micro_batch", "dp"),
@@ -324,6 +331,7 @@ _CHOICES = {
 _POSITIVE = (
     "parallel.tp", "parallel.pp", "parallel.cp", "data.max_prompt_len", "data.max_response_len",
     "rollout.n", "rollout.max_new_tokens", "rollout.num_servers", "rollout.concurrency", "rollout.parity_atol",
+    "rollout.weight_sync_bucket_mb",
     "trainer.total_steps", "trainer.rollout_batch_size", "trainer.mini_batch_size", "trainer.micro_batch_size",
     "trainer.ppo_epochs", "eval.n", "eval.max_new_tokens", "reward.num_workers", "optim.lr", "reward.timeout_s",
     "algorithm.dynamic_sampling.max_rounds", "demo.n_train", "demo.n_test", "demo.hidden_size", "demo.num_layers",

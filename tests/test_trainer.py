@@ -163,3 +163,16 @@ def test_kl_penalty_to_the_frozen_initial_policy(tmp_path, demo_cache):
     rows = [r for r in _metrics(spawn_ranks(train_worker, 1, over)[0]) if "actor/pg_loss" in r]
     kl = [r["actor/kl_ref"] for r in rows]
     assert len(kl) == 3 and 0 <= kl[0] <= kl[1] < kl[2], kl
+
+
+def test_nccl_weight_sync_from_the_config(tmp_path, demo_cache):
+    """rollout.weight_sync=nccl: trainer rank 0 broadcasts the weights into the servers' group (gloo
+    against the CPU server, the code path NCCL takes on GPUs); the parity probe passes after every
+    sync and rollouts come from the new weights. Nothing is written for the workers to load."""
+    over = _overrides(tmp_path, demo_cache, "trainer.total_steps=2", "trainer.run_name=nccl",
+                      "rollout.weight_sync=nccl", "rollout.weight_sync_bucket_mb=1")
+    run_dir = Path(spawn_ranks(train_worker, 1, over)[0])
+    steps = [r for r in _metrics(run_dir) if "actor/pg_loss" in r]
+    assert [r["rollout/weight_version"] for r in steps] == [0, 1]
+    assert all(r["sync/parity_max_abs_diff"] <= 1e-4 for r in steps)
+    assert not (run_dir / "rollout_weights").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from steer_megatron.eval.metrics import EvalSample, benchmark_metrics, flatten_m
 from steer_megatron.parallel import free_port_block
 from steer_megatron.rewards.scorer import RewardScorer
 from steer_megatron.rollout import Fleet, FleetConfig, RolloutClient, RolloutConfig, RouterConfig, SamplingConfig
-from steer_megatron.rollout.weight_sync import DiskWeightSync
+from steer_megatron.rollout.weight_sync import TransportSettings, make_weight_sync
 from steer_megatron.tracking import names
 from steer_megatron.tracking.console import make_progress, print_step_summary
 from steer_megatron.tracking.metrics_logger import MetricsLogger
@@ -60,7 +61,12 @@ class Driver:
         self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
         self.fleet = Fleet(self._fleet_config()).start()
         self.client = RolloutClient(self.fleet.endpoints, RolloutConfig(run_id=self._run_id(), concurrency=cfg.rollout.concurrency))
-        self.weight_sync = DiskWeightSync(self.fleet, export_root=run.path / "rollout_weights", source_dir=cfg.model.hf_path)
+        r = cfg.rollout
+        self.weight_sync = make_weight_sync(r.weight_sync, self.fleet, TransportSettings(
+            export_root=run.path / "rollout_weights", source_dir=Path(cfg.model.hf_path),
+            master_address=r.weight_sync_address or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            bucket_bytes=r.weight_sync_bucket_mb << 20, backend="gloo" if r.engine == "cpu" else "nccl",
+            ranks_per_worker=r.tp_size))
         lg = cfg.logging
         self.logger = MetricsLogger(run.path, jsonl=lg.jsonl, tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
                                     wandb_entity=lg.wandb_entity, run_name=cfg.trainer.run_name, resume_step=resume_step)
