@@ -36,7 +36,8 @@ steer_plan() {  # node arguments for `preflight plan` (--nodes ... | --trainer-n
   out=$("$PY" -m steer_megatron.launch.preflight plan "$STEER_CONFIG" "${STEER_OVERRIDES[@]}" "$@" \
         --gpus-per-node "$STEER_GPUS" --nproc-per-node "${STEER_NPROC_PER_NODE:-1}" \
         --job-id "$SLURM_JOB_ID" ${STEER_PORT_BASE:+--port-base "$STEER_PORT_BASE"} \
-        --restart-count "${SLURM_RESTART_COUNT:-0}" --min-free-gb "${STEER_MIN_FREE_GB:-1}") || exit 2
+        --restart-count "${SLURM_RESTART_COUNT:-0}" --min-free-gb "${STEER_MIN_FREE_GB:-1}" \
+        ${STEER_GPU_MEM_GIB:+--gpu-mem-gib "$STEER_GPU_MEM_GIB"}) || exit 2
   eval "$out"
   mkdir -p "$STEER_LOG_DIR"
   STEP_FLAGS=(--cpus-per-task="${STEER_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}}")

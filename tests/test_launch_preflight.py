@@ -3,6 +3,7 @@ trainer overrides the launcher hands over, per-node checks."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -117,3 +118,17 @@ def test_7b_recipe_layout_two_trainer_nodes_one_rollout_node(tmp_path):
     assert rc == 2 and "parallel.tp=8 does not divide the model's 28 attention heads" in out
     rc, out = _plan(*config, "rollout.tp_size=2", *common[len(config):], "--nodes", "gpu1,gpu2,gpu3")
     assert rc == 2 and "8 rollout server(s) per node x rollout.tp_size=2 need 16 GPUs" in out
+
+
+def test_preflight_refuses_a_layout_whose_memory_plan_does_not_fit(tmp_path):
+    model = tmp_path / "qwen7b"
+    model.mkdir()
+    shutil.copy("configs/model_shapes/qwen2.5-math-7b.json", model / "config.json")
+    config = ["configs/qwen2.5-math-7b_steer.yaml", f"model.hf_path={model}", f"trainer.output_dir={tmp_path}/runs",
+              "rollout.num_servers=8"]
+    common = ["--trainer-count", "2", "--gpus-per-node", "8", "--job-id", "42", "--nodes", "gpu1,gpu2,gpu3",
+              "--gpu-mem-gib", "80"]
+    rc, out = _plan(*config, *common)
+    assert rc == 0, out
+    rc, out = _plan(*config, "model.recompute=none", "trainer.micro_batch_size=8", *common)
+    assert rc == 2 and "the memory plan does not fit a 80 GiB GPU" in out and "turn on model.recompute" in out

@@ -108,6 +108,15 @@ def plan(args: argparse.Namespace) -> JobLayout:
         raise PreflightError(f"{e} (trainer world size = {len(trainer_nodes)} node(s) x {nproc} process(es) per node; "
                              f"add trainer nodes or change the parallel layout)") from None
 
+    if args.gpu_mem_gib and cfg.model.hf_path and (Path(cfg.model.hf_path) / "config.json").is_file():
+        from steer_megatron.launch.plan import load_arch, plan_memory
+
+        memory = plan_memory(cfg, load_arch(cfg, None), dp=world // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp),
+                             gpu_mem_gib=args.gpu_mem_gib)
+        if not memory.fits:
+            raise PreflightError(f"the memory plan does not fit a {args.gpu_mem_gib:g} GiB GPU:\n{memory.table()}\n"
+                                 f"turn on model.recompute, parallel.sequence_parallel or parallel.distributed_optimizer, "
+                                 f"raise parallel.tp / pp, or lower trainer.micro_batch_size")
     if cfg.demo.enabled:
         # The CPU demo builds its tiny model and data on first use: do it once here, on the
         # batch host, so that the rollout nodes have a model to serve (the trainer then finds
@@ -215,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port-base", type=int)
     p.add_argument("--restart-count", type=int, default=0)
     p.add_argument("--min-free-gb", type=float, default=1.0)
+    p.add_argument("--gpu-mem-gib", type=float, help="one GPU's memory: refuse a config whose memory plan "
+                   "(python -m steer_megatron.launch.plan) does not fit")
     n = sub.add_parser("node", help="checks on this node (run one task per node under srun)")
     n.add_argument("role", choices=["trainer", "rollout"])
     n.add_argument("spec", type=Path)
