@@ -116,7 +116,8 @@ def check_models(hf_dirs: list[str], tp: int, pp: int, ids: torch.Tensor, export
 # Training helpers (dist-checkpoint tests)
 
 
-def build_training(hf_dir: str, tp: int, pp: int, padded_vocab: int | None = None, load_hf: bool = True):
+def build_training(hf_dir: str, tp: int, pp: int, padded_vocab: int | None = None, load_hf: bool = True,
+                   distributed: bool = False):
     """Model (megatron DDP-wrapped) + megatron optimizer at tp x pp."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -129,9 +130,10 @@ def build_training(hf_dir: str, tp: int, pp: int, padded_vocab: int | None = Non
     if load_hf:
         load_hf_weights(gpt, hf_dir)
     gpt.config.finalize_model_grads_func = finalize_model_grads
-    model = DistributedDataParallel(gpt.config, DistributedDataParallelConfig(), gpt)
+    model = DistributedDataParallel(gpt.config, DistributedDataParallelConfig(use_distributed_optimizer=distributed), gpt)
     opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=1.0, params_dtype=torch.float32),
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=1.0, params_dtype=torch.float32,
+                        use_distributed_optimizer=distributed),
         [model],
     )
     return model, opt
@@ -182,25 +184,25 @@ def optimizer_moments(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 def ckpt_worker(hf_dir: str, ckpt_root: str, tp: int, pp: int, batches: list[torch.Tensor], mode: str,
-                probe: torch.Tensor) -> dict:
+                probe: torch.Tensor, distributed: bool = False) -> dict:
     """mode='save': train len(batches)-2 steps, save, train 2 more.
     mode='resume': load the latest checkpoint, train the last 2 batches.
     Returns logits at the checkpoint, optimizer moments, the losses after it, and meta."""
     from steer_megatron.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 
     if mode == "save":
-        model, opt = build_training(hf_dir, tp, pp)
+        model, opt = build_training(hf_dir, tp, pp, distributed=distributed)
         before = train_steps(model, opt, batches[:-2])
         save_checkpoint(ckpt_root, len(batches) - 2, model, opt, extra={"data": {"consumed": len(batches) - 2}},
                         config={"lr": 1e-2}, keep_last=2)
         meta = None
     else:
         padded = read_meta(ckpt_root).padded_vocab_size
-        model, opt = build_training(hf_dir, tp, pp, padded_vocab=padded, load_hf=False)
+        model, opt = build_training(hf_dir, tp, pp, padded_vocab=padded, load_hf=False, distributed=distributed)
         before = []
         meta = load_checkpoint(ckpt_root, model, opt).__dict__
     logits = megatron_logits(model, probe)
-    moments = optimizer_moments(model, opt)
+    moments = None if distributed else optimizer_moments(model, opt)  # a distributed optimizer holds shards
     after = train_steps(model, opt, batches[-2:])
     return pack(dict(logits=logits, moments=moments, before=before, after=after, meta=meta))
 

@@ -44,7 +44,8 @@ def _update(hf_dir, overrides, fused=False):
     cfg = ActorConfig(vocab_size=vocab.size, micro_batch_size=2, mini_batch_size=4 // dp, loss=PolicyLossConfig(),
                       fused_lm_head=fused, loss_kernel="torch")
     actor = MegatronActor(ddp, opt, cfg, sched)
-    batch = rl_batch(VOCAB, [(3, 15), (5, 12), (2, 9), (6, 15), (4, 13), (1, 7), (7, 14), (3, 10)]).dp_slice(rank, dp)
+    # 15 tokens: under sequence parallelism the actor pads the sequence to a multiple of TP
+    batch = rl_batch(VOCAB, [(3, 14), (5, 12), (2, 9), (6, 14), (4, 13), (1, 7), (7, 14), (3, 10)], seq=15).dp_slice(rank, dp)
     batch.old_log_prob, batch.old_entropy = actor.compute_log_probs(batch)
     metrics = actor.update(batch)  # two mini-batches: the second runs on weights the first updated
     return {n: p.detach().clone() for n, p in model.named_parameters()}, torch.tensor(metrics["loss"])

@@ -129,7 +129,11 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict[str, Any]:
     model_sd = _gpt(_chunks(model)[0]).sharded_state_dict()
     sd: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # The distributed optimizer's default format is no longer accepted by dist_checkpointing;
+        # "fully_reshardable" (gathered over DP at save time) reloads at any TP / PP / DP, as a
+        # resume at another layout needs. Other optimizers ignore the key.
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return sd
 
 

@@ -58,6 +58,18 @@ class ActorBatch:
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
                                 for f in fields(self)})
 
+    def lengthened(self, length: int) -> "ActorBatch":
+        """Right-padded to `length` tokens (masked out): sequence parallelism splits the sequence
+        evenly over the TP ranks, so its length must be a multiple of TP."""
+        extra = length - self.input_ids.shape[1]
+        if extra <= 0:
+            return self
+
+        def grow(t):
+            return None if t is None else torch.cat([t, t.new_zeros(t.shape[0], extra)], 1)
+
+        return replace(self, **{f.name: grow(getattr(self, f.name)) for f in fields(self)})
+
     def padded(self, rows: int) -> "ActorBatch":
         """`rows` more rows, copies of the first with loss_mask False: they add nothing to any loss or statistic."""
         def grow(t):
@@ -140,6 +152,10 @@ class MegatronActor:
     def __init__(self, model: torch.nn.Module, optimizer, cfg: ActorConfig, scheduler=None):
         self.model, self.optimizer, self.cfg, self.scheduler = model, optimizer, cfg, scheduler
         self.loss_fn = get_policy_loss(cfg.policy_loss)
+        from steer_megatron.models.hf_import import unwrap
+
+        mcfg = unwrap(model).config
+        self._seq_multiple = mcfg.tensor_model_parallel_size if mcfg.sequence_parallel else 1
         self._tap = None
         if cfg.fused_lm_head and _is_last_stage():
             from steer_megatron.models.hf_import import unwrap
@@ -186,6 +202,8 @@ class MegatronActor:
         from megatron.core import parallel_state as ps
 
         mbs = self.cfg.micro_batch_size
+        if self._seq_multiple > 1:
+            batch = batch.lengthened(-(-batch.input_ids.shape[1] // self._seq_multiple) * self._seq_multiple)
         if len(batch) % mbs and ps.get_pipeline_model_parallel_world_size() > 1:
             # pipeline stages exchange activations of one fixed [seq, mbs, hidden] shape, so a short
             # last micro-batch (the parity probe's few prompts, a diagnostics slice) is filled up
@@ -216,8 +234,8 @@ class MegatronActor:
         self.model.train()
         if not _is_last_stage():
             return None, None
-        n = len(batch)  # without the rows run_schedule may have added
-        return torch.cat([o["logprob"] for o in out])[:n], torch.cat([o["entropy"] for o in out])[:n]
+        n, t = len(batch), batch.input_ids.shape[1] - 1  # without the rows and positions run_schedule may have added
+        return torch.cat([o["logprob"] for o in out])[:n, :t], torch.cat([o["entropy"] for o in out])[:n, :t]
 
     # -- update -------------------------------------------------------------------------------
     def _global_tokens(self, mini: ActorBatch) -> torch.Tensor:
