@@ -191,11 +191,21 @@ def _spawn_isolated(job: dict, stdin: bytes, uid: int, fds: dict) -> int:
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
         # Before anything is mounted: nothing done in this namespace may propagate to the host.
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        # The judge stops a run by sending this helper SIGUSR1; the helper kills the program's
+        # process (PID 1: the kernel then kills the whole namespace) and still reaps it, so no
+        # orphan is left to the host's init. Only the helper signals that pid, and only while
+        # it is unreaped (a zombie at worst), so a recycled pid is never hit.
+        box: dict = {}
+        signal.signal(signal.SIGUSR1, lambda *_: os.kill(box["child"], signal.SIGKILL) if box else os._exit(9))
         child = os.fork()
         if child == 0:
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
             _exec_program(job, stdin, uid, True, fds)
+        box["child"] = child
         for fd in (fds["out"], fds["err"]):
             os.close(fd)
+        os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         _, status, usage = os.wait4(child, 0)
         os.write(fds["info"], f"\nstatus {status} {usage.ru_utime + usage.ru_stime:.3f}".encode())
         os._exit(0)
@@ -207,9 +217,12 @@ def _spawn_isolated(job: dict, stdin: bytes, uid: int, fds: dict) -> int:
 
 
 def _kill(pid: int, isolated: bool) -> None:
+    """Stop a run. `pid` is the judge's own unreaped child (the helper, or the program when
+    unisolated), so it cannot have been recycled. Isolated: ask the helper to kill PID 1 of the
+    namespace. Unisolated: kill the program's process group."""
     try:
         if isolated:
-            os.kill(pid, signal.SIGKILL)  # the helper; its death kills PID 1 and so the namespace
+            os.kill(pid, signal.SIGUSR1)
         else:
             os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -252,7 +265,8 @@ def run_one(job: dict, stdin: bytes, uid: int, isolated: bool, timeout_s: float)
             left = 5.0
         ready, _, _ = select.select(open_fds, [], [], min(left, 5.0))
         if not ready and deadline == math.inf:
-            break  # a holder outlived the kill: give up on its pipe rather than hang
+            os.kill(pid, signal.SIGKILL)  # the helper did not finish the run: it and PID 1 die now
+            break
         for fd in ready:
             data = os.read(fd, 1 << 16)
             if not data:
@@ -268,7 +282,6 @@ def run_one(job: dict, stdin: bytes, uid: int, isolated: bool, timeout_s: float)
             chunks[fd].append(data)
     for fd in (out_r, err_r, info_r):
         os.close(fd)
-    _kill(pid, isolated) if stopped else None
     _, status, usage = os.wait4(pid, 0)
     wall = time.monotonic() - t0
     info = b"".join(chunks[info_r]).decode(errors="replace")
