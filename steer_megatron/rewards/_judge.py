@@ -172,8 +172,11 @@ def _exec_program(job: dict, stdin: bytes, uid: int, isolated: bool, fds: dict) 
         os.set_inheritable(info, False)
         os.execve(job["python"], [job["python"], "-I", "-S", "-c", BOOT], ENV)
     except BaseException as exc:  # noqa: BLE001 - reported to the judge through the info pipe
+        hint = ""
+        if isinstance(exc, PermissionError) and not isolated:
+            hint = " (the sandbox uid cannot reach the interpreter: set reward.code.python to one outside root-only directories)"
         try:
-            os.write(fds["info"], f"setup: {type(exc).__name__}: {exc}"[:400].encode())
+            os.write(fds["info"], f"setup: {type(exc).__name__}: {exc}{hint}"[:400].encode())
         finally:
             os._exit(121)
 
