@@ -191,3 +191,22 @@ def test_parquet_rows_may_store_tests_as_a_struct():
            "reward_model": {"ground_truth": {"inputs": ["1"], "outputs": ["1"]}, "style": "code"}}
     assert _check_row(row, "prompt") is None
     assert json.loads(row["reward_model"]["ground_truth"]) == {"inputs": ["1"], "outputs": ["1"]}
+
+
+def test_coding_run_configs(monkeypatch, tmp_path):
+    from steer_megatron.config import CONFIG_DIR, validate_config
+
+    monkeypatch.setenv("STEER_CODE_DATA_DIR", str(tmp_path))
+    grpo = load_config(CONFIG_DIR / "qwen2.5-coder-7b_grpo.yaml")
+    steer = load_config(CONFIG_DIR / "qwen2.5-coder-7b_steer.yaml")
+    for cfg in (grpo, steer):
+        assert cfg.data.train_files == [f"{tmp_path}/archercoder_train.parquet"]
+        assert cfg.eval.files == [f"{tmp_path}/livecodebench_v5.jsonl"] and cfg.eval.benchmarks == ["humaneval"]
+        assert (cfg.data.max_response_len, cfg.rollout.max_new_tokens, cfg.eval.n) == (8192, 8192, 4)
+        assert cfg.reward.code.timeout_s == 6.0 and not cfg.reward.code.allow_unisolated
+        assert (cfg.trainer.rollout_batch_size, cfg.rollout.n, cfg.optim.lr) == (512, 8, 1e-6)
+        # the data paths are the user's: training refuses to start while they do not exist
+        with pytest.raises(ConfigError, match="does not exist"):
+            validate_config(cfg, check_paths=True)
+    assert grpo.algorithm.policy_loss == "grpo" and steer.algorithm.policy_loss == "steer"
+    assert steer.algorithm.steer.w_min == 0.8
