@@ -1,8 +1,9 @@
 """The judge: runs one program against its tests, each run in a fresh sandbox, and prints verdicts.
 
-Started by steer_megatron.rewards.sandbox as `python -I -S _judge.py` in its own session; reads
-one JSON job on stdin, writes one JSON result on stdout. It imports nothing from the package
-(it runs before any isolation, as the calling user, and must stay small and auditable).
+Started by steer_megatron.rewards.sandbox as `python -I -S _judge.py PARENT_PID` in its own
+session, one per calling thread, and kept: it reads jobs (one program and its tests) on stdin
+and writes results on stdout. It imports nothing from the package (it runs outside any
+isolation, as the calling user, and must stay small and auditable).
 
 Per test (isolated mode), the judge forks a helper that enters new mount, PID, network, IPC and
 UTS namespaces and forks the program's process, PID 1 of the new PID namespace. That process
@@ -409,16 +410,36 @@ def judge(job: dict) -> dict:
     return {"results": results, "isolated": isolated, "uid": uid}
 
 
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
 def main() -> None:
-    job = json.loads(sys.stdin.buffer.read())
+    """Serve jobs until stdin closes: each an 8-byte big-endian length and JSON, answered the same way."""
     # The judge dies with the process that started it (a reward worker killed on its time limit),
     # and its sandboxes die with it.
     _check(_libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl")
-    if os.getppid() != job["parent_pid"]:
+    if os.getppid() != int(sys.argv[1]):
         sys.exit("the judge's parent exited before it started")
-    out = judge(job)
-    sys.stdout.write(json.dumps(out))
-    sys.stdout.flush()
+    while True:
+        head = _read_exact(0, 8)
+        body = None if head is None else _read_exact(0, int.from_bytes(head, "big"))
+        if body is None:
+            return
+        try:
+            out = judge(json.loads(body))
+        except Exception as exc:  # noqa: BLE001 - a bad job must not take the judge down
+            out = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        data = json.dumps(out).encode()
+        view = memoryview(len(data).to_bytes(8, "big") + data)
+        while view:
+            view = view[os.write(1, view):]
 
 
 if __name__ == "__main__":

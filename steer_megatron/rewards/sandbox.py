@@ -1,9 +1,10 @@
 """Run untrusted programs against tests: isolation checks, limits, and the judge process.
 
-`run_tests(...)` starts the judge (`_judge.py`, a separate interpreter in its own session) for
-one program and all its tests, and waits at most the program's budget plus a grace period; if
-the judge overruns, its whole session is killed, and with it every sandbox it started (each is
-tied to the judge by a parent-death signal). How a single run is isolated is described in
+`run_tests(...)` hands one program and all its tests to the judge (`_judge.py`, a separate
+interpreter in its own session, started once per calling thread and kept), and waits at most
+the program's budget plus a grace period; if the judge overruns, its whole session is killed,
+and with it every sandbox it started (each is tied to the judge by a parent-death signal); the
+next call starts a new judge. How a single run is isolated is described in
 _judge.py and in the README section "Code rewards and the sandbox".
 
 Isolation (namespaces, chroot, an unprivileged uid) needs root or CAP_SYS_ADMIN. Without it the
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,36 +110,101 @@ def run_tests(source: str, tests: list[dict], mode: str, settings: SandboxSettin
         "python": settings.interpreter(), "binds": settings.binds(), "isolate": bool(isolate),
         "uid_base": settings.uid_base, "limits": settings.limits(), "mode": mode, "source": source,
         "tests": tests, "stop_on_fail": stop_on_fail, "budget_s": settings.program_budget_s,
-        "float_tol": settings.float_tol, "keep_stdout_bytes": keep_stdout_bytes, "parent_pid": os.getpid(),
+        "float_tol": settings.float_tol, "keep_stdout_bytes": keep_stdout_bytes,
     }
     t0 = time.monotonic()
-    # Empty environment: the judge needs none, and nothing of the trainer's should reach a program.
-    proc = subprocess.Popen([settings.interpreter(), "-I", "-S", JUDGE], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={}, close_fds=True, cwd="/")
+    deadline = t0 + settings.program_budget_s + JUDGE_GRACE_S
+    for attempt in (0, 1):  # a judge found dead before the job reached it is replaced once
+        judge = _judge_for(settings.interpreter())
+        try:
+            judge.send(job)
+        except OSError:
+            _drop_judge(judge)
+            if attempt == 0:
+                continue
+            raise
+        break
     try:
-        out, err = proc.communicate(json.dumps(job).encode(), timeout=settings.program_budget_s + JUDGE_GRACE_S)
-    except subprocess.TimeoutExpired:
-        _kill_session(proc)
-        return JudgeReport(["timeout"], ["the judge overran the program budget"], wall_s=time.monotonic() - t0)
+        res = judge.receive(deadline)
     except BaseException:
-        _kill_session(proc)
+        _drop_judge(judge)
         raise
     wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        return JudgeReport(["sandbox_error"], [err.decode(errors="replace")[-500:]], wall_s=wall)
-    res = json.loads(out)
+    if res is None:  # it overran the program budget, or died
+        _drop_judge(judge)
+        overran = time.monotonic() >= deadline
+        return JudgeReport(["timeout" if overran else "sandbox_error"],
+                           ["the judge overran the program budget" if overran else "the judge died"], wall_s=wall)
+    if "error" in res:
+        return JudgeReport(["sandbox_error"], [res["error"]], wall_s=wall)
     r = res["results"]
     return JudgeReport([x["verdict"] for x in r], [x.get("detail", "") for x in r], [x.get("stdout", "") for x in r],
                        isolated=res["isolated"], uid=res["uid"], wall_s=wall)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+class _Judge:
+    """A judge process serving one calling thread (its parent-death signal follows that thread)."""
+
+    def __init__(self, python: str):
+        self.owner = (os.getpid(), threading.get_ident())
+        # Empty environment: the judge needs none, and nothing of the trainer's should reach a program.
+        self.proc = subprocess.Popen([python, "-I", "-S", JUDGE, str(os.getpid())], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env={}, close_fds=True, cwd="/")
+
+    def send(self, job: dict) -> None:
+        data = json.dumps(job).encode()
+        self.proc.stdin.write(len(data).to_bytes(8, "big") + data)
+        self.proc.stdin.flush()
+
+    def receive(self, deadline: float) -> dict | None:
+        fd = self.proc.stdout.fileno()
+        buf = bytearray()
+        need = 8
+        while len(buf) < need:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, max(need - len(buf), 1 << 16))
+            if not chunk:
+                return None
+            buf += chunk
+            if need == 8 and len(buf) >= 8:
+                need = 8 + int.from_bytes(buf[:8], "big")
+        return json.loads(bytes(buf[8:need]))
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its session: the judge and every sandbox helper
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+_judges = threading.local()
+
+
+def _judge_for(python: str) -> _Judge:
+    cache = getattr(_judges, "by_python", None)
+    if cache is None:
+        cache = _judges.by_python = {}
+    j = cache.get(python)
+    if j is None or j.owner != (os.getpid(), threading.get_ident()) or j.proc.poll() is not None:
+        j = cache[python] = _Judge(python)
+    return j
+
+
+def _drop_judge(judge: _Judge) -> None:
+    judge.kill()
+    cache = getattr(_judges, "by_python", {})
+    for k, v in list(cache.items()):
+        if v is judge:
+            del cache[k]
 
 
 # -- the isolation check -----------------------------------------------------------------------------
