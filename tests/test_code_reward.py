@@ -210,3 +210,23 @@ def test_coding_run_configs(monkeypatch, tmp_path):
             validate_config(cfg, check_paths=True)
     assert grpo.algorithm.policy_loss == "grpo" and steer.algorithm.policy_loss == "steer"
     assert steer.algorithm.steer.w_min == 0.8
+
+
+def test_eval_counts_a_code_sample_correct_only_when_it_passes():
+    # The driver's evaluate with stand-ins for generation: partial credit (0.6) is not a solve.
+    import types
+
+    import torch
+
+    from steer_megatron.rewards.scorer import ScoreResult
+    from steer_megatron.train.driver import Driver
+
+    d = Driver.__new__(Driver)
+    d.cfg = types.SimpleNamespace(eval=types.SimpleNamespace(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8))
+    d._sampling = lambda *a: None
+    d.eval_sets = {"humaneval": [types.SimpleNamespace(index="a"), types.SimpleNamespace(index="b")]}
+    sc = ScoreResult(scores=[1.0, 0.6, 0.0, 1.0], reward_names=["code"] * 4,
+                     reasons=["pass", "wrong_answer", "no_code", "pass"])
+    d._generate_and_score = lambda e, s, t: (None, torch.tensor(sc.scores).view(2, 2), sc)
+    m = d.evaluate(1)
+    assert (m["eval/humaneval/mean@2"], m["eval/humaneval/pass@2"]) == (0.5, 1.0)

@@ -207,9 +207,11 @@ class Driver:
         sampling = self._sampling(e.n, e.temperature, e.top_p, e.max_new_tokens)
         samples: list[EvalSample] = []
         for bench, examples in self.eval_sets.items():
-            result, rewards, _ = self._generate_and_score(examples, sampling, f"eval{step}-{bench}")
+            result, rewards, scores = self._generate_and_score(examples, sampling, f"eval{step}-{bench}")
+            # a reward that says why (code) is correct only on "pass" (partial credit is not a solve)
+            ok = [why == "pass" if why is not None else r > 0.5 for r, why in zip(scores.scores, scores.reasons)]
             for i, ex in enumerate(examples):
-                samples.extend(EvalSample(bench, ex.index, bool(r > 0.5)) for r in rewards[i].tolist())
+                samples.extend(EvalSample(bench, ex.index, c) for c in ok[i * e.n:(i + 1) * e.n])
         return flatten_metrics(benchmark_metrics(samples, ks=(1, e.n)))
 
     def log(self, step: int, metrics: dict) -> None:
