@@ -84,6 +84,8 @@ CASES = [
     (fenced("print(0.34)"), {"inputs": [""], "outputs": ["0.333333333"]}, (0.0, "wrong_answer")),
     (fenced("print('3 4')"), {"inputs": [""], "outputs": ["34"]}, (0.0, "wrong_answer")),
     (fenced("exit(0)\nprint(1)"), {"inputs": [""], "outputs": [""]}, (1.0, "pass")),  # exit() as with site
+    (fenced("import os, tempfile\nopen(os.devnull, 'w').write('x')\nwith tempfile.TemporaryFile() as f:\n"
+            "    f.write(b'1')\n    f.seek(0)\n    print(f.read().decode())"), {"inputs": [""], "outputs": ["1"]}, (1.0, "pass")),
     # call-based: a function, a LeetCode Solution method, LiveCodeBench functional tests
     (fenced("def add(a, b):\n    return a + b"), {"inputs": [[1, 2], [3, 4]], "outputs": [3, 7], "fn_name": "add"}, (1.0, "pass")),
     (fenced("class Solution:\n    def add(self, a, b):\n        return [a, b]"),

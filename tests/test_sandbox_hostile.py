@@ -71,6 +71,11 @@ def test_probe_reports_the_isolation_it_relies_on(isolation):
     assert f["env"] == ["HOME", "LANG", "PATH", "TMPDIR"]
 
 
+def test_a_short_test_timeout_does_not_fail_the_probe(isolation):
+    # the probe runs with its own roomy limits: a loaded machine must not read as "no sandbox"
+    assert probe_isolation(SandboxSettings(timeout_s=0.01, program_budget_s=0.02)).isolated
+
+
 def test_fork_bomb(isolation):
     res, wall = run_hostile(
         "import os, time\nt = time.time()\nwhile time.time() - t < 30:\n"

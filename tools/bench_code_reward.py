@@ -65,13 +65,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="pool sizes for measurement 1")
     ap.add_argument("--timeout-workers", type=int, default=8)
     ap.add_argument("--stage-workers", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--timeout", type=float, default=1.0, help="per-test timeout (s) for measurements 2 and 3")
+    ap.add_argument("--timeout", type=float, default=1.0, help="per-test timeout (s) for measurement 2")
+    ap.add_argument("--stage-timeout", type=float, default=2.0, help="per-test timeout (s) for measurement 3")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     rng = random.Random(0)
     n_short, n_to, n_stage = (16, 8, 64) if args.quick else (96, 32, 256)
-    opts = {"timeout_s": args.timeout, "program_budget_s": 30.0}
-    rep = probe_isolation(SandboxSettings(timeout_s=args.timeout))
+    # Short programs get a generous limit: on a loaded machine a 1 s limit would turn some into timeouts.
+    opts = {"timeout_s": 10.0, "program_budget_s": 30.0}
+    rep = probe_isolation(SandboxSettings(**opts))
     print(f"sandbox: {rep.summary()}; {os.cpu_count()} CPUs; load {os.getloadavg()}", flush=True)
     if not rep.isolated:
         opts["allow_unisolated"] = True
@@ -100,8 +102,8 @@ def main() -> None:
 
     # 2. timeouts
     w = args.timeout_workers
-    out["timeouts"] = {}
-    with RewardScorer(num_workers=w, reward_options={"code": opts}) as scorer:
+    out["timeouts"] = {"timeout_s": args.timeout}
+    with RewardScorer(num_workers=w, reward_options={"code": {**opts, "timeout_s": args.timeout}}) as scorer:
         warm(scorer, w, rng)
         for name, reply in (("sleep", SLEEP), ("spin", SPIN)):
             wall, reasons = timed_score(scorer, [reply] * n_to, [add_tests(1, rng) for _ in range(n_to)])
@@ -118,14 +120,15 @@ def main() -> None:
     comps = (comps + [ADD] * n_stage)[:n_stage]
     rng.shuffle(comps)
     gts = [add_tests(5, rng) for _ in comps]
-    out["reward_stage"] = {"completions": n_stage, "tests_per_program": 5}
+    out["reward_stage"] = {"completions": n_stage, "tests_per_program": 5, "timeout_s": args.stage_timeout}
     for w in args.stage_workers:
-        with RewardScorer(num_workers=w, reward_options={"code": opts}) as scorer:
+        with RewardScorer(num_workers=w, reward_options={"code": {**opts, "timeout_s": args.stage_timeout}}) as scorer:
             warm(scorer, w, rng)
             wall, reasons = timed_score(scorer, comps, gts)
         out["reward_stage"][f"{w}_workers_s"] = round(wall, 2)
         out["reward_stage"]["reasons"] = reasons
-        print(f"reward stage, {n_stage} completions x 5 tests, {w} workers: {wall:.1f} s {reasons}", flush=True)
+        print(f"reward stage, {n_stage} completions x 5 tests ({args.stage_timeout:.0f} s test timeout), {w} workers: "
+              f"{wall:.1f} s {reasons}", flush=True)
     out["loadavg_end"] = os.getloadavg()
     try:
         out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

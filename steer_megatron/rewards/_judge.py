@@ -74,7 +74,7 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
 
 def _bind_ro(root: str, src: str, device: bool = False) -> None:
     """Make `src` visible read-only at the same path under `root` (symlinks are copied as links).
-    `device`: a device node that must stay openable (no nodev)."""
+    `device`: a device node, left usable and writable (no nodev, no read-only)."""
     dst = root + src
     parent = os.path.dirname(dst)
     os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -89,7 +89,9 @@ def _bind_ro(root: str, src: str, device: bool = False) -> None:
     else:
         _write_file(dst, b"", 0o444)
     _mount(src, dst, None, MS_BIND | MS_REC)
-    _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | (0 if device else MS_NODEV))
+    # device nodes stay writable (writing /dev/null is harmless and programs expect it)
+    flags = MS_NOSUID if device else MS_RDONLY | MS_NOSUID | MS_NODEV
+    _mount(None, dst, None, MS_BIND | MS_REMOUNT | flags)
 
 
 def _limits(lim: dict) -> None:
@@ -126,7 +128,7 @@ def _build_root(job: dict, stdin: bytes, uid: int) -> str:
         if os.path.lexists(src):
             _bind_ro(root, src)
     for dev in ("null", "zero", "random", "urandom"):
-        _bind_ro(root, "/dev/" + dev, device=True)  # read-only binds: writing /dev/null fails
+        _bind_ro(root, "/dev/" + dev, device=True)
     os.mkdir(root + "/proc", 0o555)
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     work = root + "/work"

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 JUDGE = str(Path(__file__).with_name("_judge.py"))
@@ -266,8 +266,12 @@ def probe_isolation(settings: SandboxSettings) -> IsolationReport:
     if not sys.platform.startswith("linux"):
         rep = IsolationReport(False, f"namespaces need Linux, this is {sys.platform}", {})
     else:
+        # The probe checks isolation, not speed: a loaded machine must not make a short test
+        # timeout read as "no sandbox here".
+        roomy = replace(settings, timeout_s=max(settings.timeout_s, 10.0),
+                        program_budget_s=max(settings.program_budget_s, 20.0))
         try:
-            r = run_tests(_PROBE, [{"input": ""}], "script", settings, isolate=True, keep_stdout_bytes=1 << 16)
+            r = run_tests(_PROBE, [{"input": ""}], "script", roomy, isolate=True, keep_stdout_bytes=1 << 16)
         except OSError as exc:
             rep = IsolationReport(False, f"could not start the judge: {exc}", {})
         else:
