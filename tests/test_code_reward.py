@@ -232,3 +232,14 @@ def test_eval_counts_a_code_sample_correct_only_when_it_passes():
     d._generate_and_score = lambda e, s, t: (None, torch.tensor(sc.scores).view(2, 2), sc)
     m = d.evaluate(1)
     assert (m["eval/humaneval/mean@2"], m["eval/humaneval/pass@2"]) == (0.5, 1.0)
+
+
+def test_scorer_preflight_refuses_code_rows_without_a_sandbox(monkeypatch):
+    fake = sandbox.IsolationReport(False, "no namespaces in this test", {})
+    monkeypatch.setattr(sandbox, "probe_isolation", lambda s: fake)
+    scorer = RewardScorer(reward_options={"code": {"uid_base": 1_700_000_000}})
+    assert scorer.preflight(["math500", "synthetic_sort"]) == ["integer", "math"]  # no code rows: nothing probed
+    with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
+        scorer.preflight(["math500", "livecodebench"])
+    loose = RewardScorer(reward_options={"code": {"uid_base": 1_700_000_000, "allow_unisolated": True}})
+    assert loose.preflight(["livecodebench"], ["code"]) == ["code"]
