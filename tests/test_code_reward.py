@@ -142,6 +142,21 @@ def test_refuses_to_start_without_isolation_unless_allowed(monkeypatch):
     assert score_code(pid_src, {"inputs": [""], "outputs": ["host"]}, settings=loose).reason == "pass"
 
 
+def test_unisolated_fallback_still_bounds_time():
+    python = _interpreter_for_any_user()
+    if python is None:
+        pytest.skip("no interpreter outside root-only directories for the unisolated fallback")
+    sb = SandboxSettings(timeout_s=1.0, uid_base=1_800_000_000, allow_unisolated=True, python=python)
+    code_reward._isolated[sb] = False  # as where namespaces are unavailable
+    s = CodeRewardSettings(sandbox=sb)
+    for src, reason in [("import os, time\nos.close(1)\nos.close(2)\ntime.sleep(60)", "timeout"),
+                        ("while True:\n    pass", "timeout"), ("print('x' * (64 << 20))", "output_limit"),
+                        ("print('x')", "pass")]:
+        t0 = time.monotonic()
+        assert score_code(fenced(src), {"inputs": [""], "outputs": ["x"]}, settings=s).reason == reason
+        assert time.monotonic() - t0 < sb.timeout_s + 4.0
+
+
 def _interpreter_for_any_user() -> str | None:
     for exe in (SB.interpreter(), "/usr/bin/python3"):
         real = os.path.realpath(exe)

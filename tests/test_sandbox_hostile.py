@@ -204,6 +204,12 @@ def test_sleeping_past_the_timeout(isolation):
     assert wall < SB.timeout_s + SLACK_S
 
 
+def test_closing_its_output_and_sleeping(isolation):
+    res, wall = run_hostile("import os, time\nos.close(1)\nos.close(2)\ntime.sleep(60)\n")
+    assert (res.reward, res.reason) == (0.0, "timeout")
+    assert wall < SB.timeout_s + SLACK_S
+
+
 def test_detached_daemon(isolation):
     src = (
         "import os, sys, time\n"

@@ -288,11 +288,26 @@ def run_one(job: dict, stdin: bytes, uid: int, isolated: bool, timeout_s: float)
             chunks[fd].append(data)
     for fd in (out_r, err_r, info_r):
         os.close(fd)
+    # Isolated, the helper closed its info pipe: it is exiting. Unisolated, the program may have
+    # closed its pipes and still run: wait for it until the deadline. Either way `pid` is only
+    # signalled while unreaped (WNOWAIT), so its number cannot have been recycled.
+    hard = math.inf
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        now = time.monotonic()
+        if now >= deadline:
+            stopped = stopped or "timeout"
+            _kill(pid, isolated)
+            deadline, hard = math.inf, now + 5.0
+        elif now >= hard:
+            os.kill(pid, signal.SIGKILL)
+            hard = math.inf
+        time.sleep(0.002)
+    if not isolated:
+        _kill(pid, False)  # whatever is left in the program's process group
     _, status, usage = os.wait4(pid, 0)
     wall = time.monotonic() - t0
     info = b"".join(chunks[info_r]).decode(errors="replace")
     if workdir is not None:
-        _kill(pid, False)
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
