@@ -258,3 +258,14 @@ def test_scorer_preflight_refuses_code_rows_without_a_sandbox(monkeypatch):
         scorer.preflight(["math500", "livecodebench"])
     loose = RewardScorer(reward_options={"code": {"uid_base": 1_700_000_000, "allow_unisolated": True}})
     assert loose.preflight(["livecodebench"], ["code"]) == ["code"]
+
+
+@pytest.mark.parametrize("got, want, same", [
+    ("3\n", "3", True), ("1\n\n2\n", "1\n2", True), ("  1   2 \n", "1 2", True), ("1 2", "12", False),
+    ("1\n2", "1\n3", False), ("", "1", False), ("0.3333333334", "0.333333333", True), ("1e-9", "0", True),
+    ("nan", "nan", True), ("inf", "1e308", False), ("1000001", "1000000", True), ("1000002", "1000000", False),
+])
+def test_stdout_comparison(got, want, same):
+    from steer_megatron.rewards._judge import stdout_matches
+
+    assert stdout_matches(got, want, 1e-6) is same

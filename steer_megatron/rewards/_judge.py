@@ -337,12 +337,13 @@ def _tokens_equal(a: str, b: str, tol: float) -> bool:
 
 
 def stdout_matches(got: str, want: str, tol: float) -> bool:
-    """Line by line, whitespace-insensitive within and at the ends of lines and of the output;
-    numeric tokens may differ by `tol` (relative above 1, absolute below)."""
+    """Line by line, whitespace-insensitive within and at the ends of lines and of the output
+    (blank lines count only where both have the same number of lines); numeric tokens may
+    differ by `tol` (relative above 1, absolute below)."""
     g = [ln.split() for ln in got.strip().splitlines()]
     w = [ln.split() for ln in want.strip().splitlines()]
-    g = [ln for ln in g if ln] if len(g) != len(w) else g
-    w = [ln for ln in w if ln] if len(g) != len(w) else w
+    if len(g) != len(w):  # then blank lines do not count
+        g, w = [ln for ln in g if ln], [ln for ln in w if ln]
     if len(g) != len(w):
         return False
     return all(len(a) == len(b) and all(_tokens_equal(x, y, tol) for x, y in zip(a, b)) for a, b in zip(g, w))
