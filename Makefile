@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The suite also exercises the optional extras that install on a CPU: the nemo-run launcher
-# (submits to the CI Slurm cluster) and the Triton kernels (run by Triton's CPU interpreter).
+# (submits to the CI Slurm cluster), the Triton kernels (run by Triton's CPU interpreter) and
+# the coding benchmarks (HumanEval's data).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,launch,kernels]"
+	$(PY) -m pip install -q -e ".[test,launch,kernels,code]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -145,9 +145,31 @@ class OptimConfig:
 
 
 @dataclass
+class CodeRewardConfig:
+    """The `code` reward and its sandbox (steer_megatron.rewards.code_reward; README "Code rewards
+    and the sandbox"). Its calls run on their own budget (program_budget_s), not reward.timeout_s."""
+
+    extract: str = "last_block"  # last_block | first_block | whole | last_block_or_whole
+    partial_credit: bool = False  # reward = passed tests / tests instead of all-or-nothing
+    timeout_s: float = 5.0  # wall clock and CPU seconds per test run
+    program_budget_s: float = 60.0  # wall clock for all the tests of one program
+    memory_mb: int = 1024  # address space per run
+    processes: int = 16  # processes + threads per run
+    open_files: int = 64
+    file_size_mb: int = 16  # largest file a program may write
+    output_mb: float = 8.0  # stdout (or stderr) beyond this stops the run: output_limit
+    float_tol: float = 1.0e-6  # numeric output tokens may differ by this
+    allow_unisolated: bool = False  # where namespaces are unavailable: run with rlimits only (unsafe)
+    uid_base: int = 1000000000  # programs run as uid_base + the judge's pid
+    python: Optional[str] = None  # interpreter for programs; null = the trainer's base interpreter
+    extra_binds: list[str] = field(default_factory=list)  # host paths shown read-only (e.g. a site-packages)
+
+
+@dataclass
 class RewardConfig:
     timeout_s: float = 5.0  # hard limit per sandboxed reward call
     num_workers: int = 4
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
 
 
 @dataclass
@@ -167,7 +189,9 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    files: list[str] = field(default_factory=list)  # benchmark parquets
+    files: list[str] = field(default_factory=list)  # benchmark parquets, or LiveCodeBench .jsonl files
+    # Built-in benchmarks (steer_megatron.eval.code_benchmarks.BUILTIN), e.g. [humaneval]
+    benchmarks: list[str] = field(default_factory=list)
     every: int = 0  # steps; 0 = off
     n: int = 1  # samples per prompt (copies already in a parquet add up with these)
     temperature: float = 1.0
@@ -417,6 +441,7 @@ def validate_config(
                 f"{dp} data-parallel ranks x whole micro-batches of trainer.micro_batch_size={tr.micro_batch_size}"
             )
     _check_diagnostics(cfg, dp)
+    _check_code_eval(cfg)
     if check_paths:
         _check_paths(cfg)
     return dp
@@ -464,6 +489,20 @@ def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
         raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)} with band={list(c.band)}: "
                           f"scaling the LR only shrinks or grows a falling entropy, so the band's high end must be <= 0; "
                           f"lower it or set lr_scale_bounds=[1.0,1.0]")
+
+
+def _check_code_eval(cfg: RunConfig) -> None:
+    from steer_megatron.eval.code_benchmarks import BUILTIN
+    from steer_megatron.rewards.code_reward import CodeRewardSettings
+
+    try:
+        CodeRewardSettings.from_options(dataclasses.asdict(cfg.reward.code))
+    except ValueError as exc:
+        raise ConfigError(f"reward.code: {exc}") from None
+    for b in cfg.eval.benchmarks:
+        if b not in BUILTIN:
+            raise ConfigError(f"eval.benchmarks: no built-in benchmark {b!r}; choose from {sorted(BUILTIN)} "
+                              f"or list the benchmark's file in eval.files")
 
 
 def _check_paths(cfg: RunConfig) -> None:

@@ -7,6 +7,7 @@ dropped and the count is logged, since silently truncating a maths problem chang
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ def _check_row(row: dict, prompt_key: str) -> str | None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return f"{prompt_key}[{j}]: expected {{role: str, content: str}}, got {m!r:.200}"
     rm = row.get("reward_model")
+    if isinstance(rm, dict) and isinstance(rm.get("ground_truth"), (dict, list)):
+        rm["ground_truth"] = json.dumps(rm["ground_truth"])  # code tests stored as a struct: the rewards take JSON text
     if not isinstance(rm, dict) or not isinstance(rm.get("ground_truth"), str):
         return f"reward_model.ground_truth: expected a string, got {rm!r:.200}"
     if not rm["ground_truth"].strip():

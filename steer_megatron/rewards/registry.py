@@ -1,16 +1,24 @@
 """Reward functions by name, and which one each data source (or reward style) uses.
 
-A reward function is `fn(completion: str, ground_truth: str) -> float`. `sandboxed=True`
-marks functions that may run unboundedly long (sympy) so the scorer isolates them in a
-worker process with a hard time limit; inline ones must be bounded-time by construction.
+A reward function is `fn(completion: str, ground_truth: str) -> float`, or an object with
+`.reward` (float) and `.reason` (str, why it is not 1; counted per reason in the step metrics).
+`sandboxed=True` marks functions that may run unboundedly long (sympy, running programs) so
+the scorer isolates them in a worker process with a hard time limit; inline ones must be
+bounded-time by construction.
+
+Optional hooks, each given the reward's options (the config's `reward.<name>` mapping):
+`configure` applies them in every process that calls fn (raising on a bad key), `preflight`
+raises when the reward cannot run here (checked before training starts), `time_budget_s`
+returns the scorer's hard limit per call instead of its general timeout.
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
-RewardFn = Callable[[str, str], float]
+RewardFn = Callable[[str, str], Any]
+Options = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,9 @@ class RewardSpec:
     name: str
     fn: RewardFn
     sandboxed: bool
+    configure: Optional[Callable[[Options], None]] = None
+    preflight: Optional[Callable[[Options], None]] = None
+    time_budget_s: Optional[Callable[[Options], float]] = None
 
 
 _REWARDS: dict[str, RewardSpec] = {}
@@ -26,7 +37,9 @@ _SOURCES: list[tuple[str, str]] = []
 _STYLES: list[tuple[str, str]] = []
 
 
-def register_reward(name: str, *, sandboxed: bool = True) -> Callable[[RewardFn], RewardFn]:
+def register_reward(name: str, *, sandboxed: bool = True, configure: Optional[Callable[[Options], None]] = None,
+                    preflight: Optional[Callable[[Options], None]] = None,
+                    time_budget_s: Optional[Callable[[Options], float]] = None) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register `fn(completion, ground_truth) -> float` under `name`.
 
     A sandboxed function runs in worker processes that import its module by name, so it
@@ -35,7 +48,7 @@ def register_reward(name: str, *, sandboxed: bool = True) -> Callable[[RewardFn]
     def deco(fn: RewardFn) -> RewardFn:
         if name in _REWARDS and _REWARDS[name].fn is not fn:
             raise ValueError(f"reward {name!r} is already registered by {_REWARDS[name].fn.__module__}")
-        _REWARDS[name] = RewardSpec(name, fn, sandboxed)
+        _REWARDS[name] = RewardSpec(name, fn, sandboxed, configure, preflight, time_budget_s)
         return fn
 
     return deco
@@ -85,6 +98,7 @@ def _ensure_builtins() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True
+    import steer_megatron.rewards.code_reward  # noqa: F401  (registers "code")
     import steer_megatron.rewards.math_rules  # noqa: F401  (registers "math" and "integer")
 
     for pattern in (
@@ -93,4 +107,10 @@ def _ensure_builtins() -> None:
     ):
         _SOURCES.append((pattern, "math"))
     _SOURCES.append(("synthetic_*", "integer"))  # the CPU demo's tasks
+    # Coding sets (verl / rllm data_source names); a code row's reward_model.style is "code"
+    # in ArcherCodeR-style data, so that routes too.
+    for pattern in ("livecodebench*", "lcb*", "humaneval*", "mbpp*", "taco*", "apps*", "codeforces*",
+                    "code_contests*", "archer*", "deepcoder*", "primeintellect*", "leetcode*", "kodcode*"):
+        _SOURCES.append((pattern, "code"))
     _STYLES.append(("rule*", "math"))
+    _STYLES.append(("code*", "code"))

@@ -1,6 +1,7 @@
 """Rank 0's side of a step: prompts, rollouts, rewards, advantages, evaluation and logging."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -14,6 +15,7 @@ from steer_megatron.algorithms.advantages import fill_with_informative_groups, g
 from steer_megatron.config import RunConfig, config_to_yaml
 from steer_megatron.data.rl_dataset import load_rl_parquets
 from steer_megatron.data.sampler import ResumableSampler
+from steer_megatron.eval.code_benchmarks import BUILTIN, file_loader, rows_to_examples
 from steer_megatron.eval.metrics import EvalSample, benchmark_metrics, flatten_metrics
 from steer_megatron.parallel import free_port_block
 from steer_megatron.rewards.scorer import RewardScorer
@@ -58,7 +60,10 @@ class Driver:
             self.sampler.load_state_dict(sampler_state)
         self.probe_prompts = [e.prompt_ids for e in examples[:_PROBE_PROMPTS]]
         self.eval_sets = self._load_eval_sets()
-        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
+                                   reward_options={"code": dataclasses.asdict(cfg.reward.code)})
+        rows = examples + [x for v in self.eval_sets.values() for x in v]  # fail now if a reward cannot run here
+        self.scorer.preflight([x.data_source for x in rows], [x.reward_style for x in rows])
         self.fleet = Fleet(self._fleet_config()).start()
         self.client = RolloutClient(self.fleet.endpoints, RolloutConfig(run_id=self._run_id(), concurrency=cfg.rollout.concurrency))
         r = cfg.rollout
@@ -99,13 +104,23 @@ class Driver:
 
     def _load_eval_sets(self) -> dict[str, list]:
         e, out = self.cfg.eval, {}
-        for f in e.files:
-            examples, report = load_rl_parquets([f], self.tokenizer, max_prompt_len=self.cfg.data.max_prompt_len,
-                                                prompt_key=self.cfg.data.prompt_key, on_malformed="skip")
+        max_len = self.cfg.data.max_prompt_len
+        # built-in coding benchmarks (HumanEval), then files: verl parquets or other formats (LiveCodeBench .jsonl)
+        for f in [*e.benchmarks, *e.files]:
+            loader = BUILTIN.get(f) if f in e.benchmarks else file_loader(f)
+            if loader is not None:
+                rows = loader() if f in e.benchmarks else loader(f)
+                examples = rows_to_examples(rows, self.tokenizer, max_prompt_len=max_len, source=f)
+                summary = f"{len(rows)} problems, {len(rows) - len(examples)} dropped as too long"
+            else:
+                examples, report = load_rl_parquets([f], self.tokenizer, max_prompt_len=max_len,
+                                                    prompt_key=self.cfg.data.prompt_key, on_malformed="skip")
+                summary = report.summary()
             if e.max_prompts and len(examples) > e.max_prompts:
                 examples = random.Random(f"eval/{f}").sample(examples, e.max_prompts)
-            out[Path(f).stem] = examples
-            self.console.print(f"eval {Path(f).stem}: {len(examples)} prompts ({report.summary()})")
+            name = Path(f).stem.removesuffix(".jsonl")
+            out[name] = examples
+            self.console.print(f"eval {name}: {len(examples)} prompts ({summary})")
         return out
 
     # -- a step -----------------------------------------------------------------------------------
@@ -128,12 +143,15 @@ class Driver:
         t0 = time.perf_counter()
         rounds = itertools.count()  # dynamic sampling may need several rollout rounds per step
         stats = {"timeouts": 0, "errors": 0}
+        reasons: dict[str, int] = {}
 
         def generate(k: int):
             examples = self.sampler.next_batch(k)
             result, rewards, scores = self._generate_and_score(examples, sampling, f"{step}r{next(rounds)}")
             stats["timeouts"] += scores.n_timeouts
             stats["errors"] += scores.n_errors
+            for why, c in scores.reason_counts().items():
+                reasons[why] = reasons.get(why, 0) + c
             groups = [(e, result.samples[i], rewards[i]) for i, e in enumerate(examples)]
             return groups, rewards
 
@@ -171,6 +189,7 @@ class Driver:
             "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
             "rollout/groups_all_equal_frac": float((rewards == rewards[:, :1]).all(1).float().mean()),
             "reward/timeouts": stats["timeouts"], "reward/errors": stats["errors"],
+            **{f"reward/reason/{k}": float(c) for k, c in sorted(reasons.items())},
             "rollout/weight_version": float(samples[0].weight_version or 0),
         })
         return batch
@@ -195,9 +214,11 @@ class Driver:
         sampling = self._sampling(e.n, e.temperature, e.top_p, e.max_new_tokens)
         samples: list[EvalSample] = []
         for bench, examples in self.eval_sets.items():
-            result, rewards, _ = self._generate_and_score(examples, sampling, f"eval{step}-{bench}")
+            result, rewards, scores = self._generate_and_score(examples, sampling, f"eval{step}-{bench}")
+            # a reward that says why (code) is correct only on "pass" (partial credit is not a solve)
+            ok = [why == "pass" if why is not None else r > 0.5 for r, why in zip(scores.scores, scores.reasons)]
             for i, ex in enumerate(examples):
-                samples.extend(EvalSample(bench, ex.index, bool(r > 0.5)) for r in rewards[i].tolist())
+                samples.extend(EvalSample(bench, ex.index, c) for c in ok[i * e.n:(i + 1) * e.n])
         return flatten_metrics(benchmark_metrics(samples, ks=(1, e.n)))
 
     def log(self, step: int, metrics: dict) -> None:
