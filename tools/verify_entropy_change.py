@@ -5,7 +5,7 @@ Samples a rollout batch from the model itself (HF generate on this machine), sco
 GRPO advantages, then on Megatron-Core (TP ranks via spawn): records every response token's
 entropy, performs ONE real training step with the configured loss, optimizer and LR, recomputes
 the entropies at the same positions and compares the measured change with Omega in each form
-(release, paper, exact; plus exact_ppo, the exact first order of the PPO surrogate). Several
+(release, paper, exact: the exact first order of the PPO surrogate's own step). Several
 --lr values are measured from the same starting weights (the step is undone in between).
 
 Writes OUT/report.json, OUT/scatter_lr<LR>.png (binned predicted vs measured per form) and

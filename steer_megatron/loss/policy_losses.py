@@ -143,7 +143,7 @@ def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
         if inp.entropy is None or inp.sum_p2 is None or inp.sum_p2_logp is None:
             raise ValueError("steer form 'exact' needs entropy, sum_p2 and sum_p2_logp of the current policy (token_stats)")
         om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.entropy, form="exact",
-                   sum_p2=inp.sum_p2, sum_p2_logp=inp.sum_p2_logp)
+                   sum_p2=inp.sum_p2, sum_p2_logp=inp.sum_p2_logp, clip_mask=clipped)
     else:
         if inp.old_entropy is None:
             raise ValueError(f"steer form {sc.form!r} needs old_entropy (the old policy's entropy from the old-log-prob pass)")

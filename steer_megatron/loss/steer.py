@@ -1,13 +1,17 @@
 """STEER's per-token entropy-change estimate (Omega) and the token weights derived from it.
 
 Omega is the first-order change of the state's entropy that one policy-gradient step on a token
-causes, per unit learning rate, with the log-prob gradient weighted by A / p_old as in the public
-release. Three forms (DESIGN.md section 1), with L(a) = log p(a) + H:
-  release: -(A / p_old) * p (1 - p) L(o)              p current policy, H old policy (as released)
-  paper:   -(A / p_old) * p (1 - p)^2 L(o) * I_clip  Theorem 1 / eq. 9 (learning rate folded out)
-  exact:   -(A / p_old) * [p L(o) - sum_a p_a^2 L(a)] exact first order of a softmax; p, H and the
-                                                      sum p^2 terms all from the current policy
-The sign is the predicted direction of the entropy change; weights use |Omega|.
+causes, per unit learning rate. Three forms (DESIGN.md section 1), with L(a) = log p(a) + H:
+  release: -(A / p_old) * p (1 - p) L(o)                  p current policy, H old policy (as released)
+  paper:   -(A / p_old) * p (1 - p)^2 L(o) * I_clip      Theorem 1 / eq. 9 (learning rate folded out)
+  exact:   -(A p / p_old) * [p L(o) - sum_a p_a^2 L(a)] * I_clip
+           the exact first order, for a tabular softmax, of the step the PPO surrogate -A * r makes
+           (its logit gradient is A * r * (e_o - pi), r = p / p_old); 0 where the clip (or dual
+           clip) fired, since those tokens get no gradient. p, H and the sum p^2 terms all from the
+           current policy.
+The release and paper forms weight the log-prob gradient by A / p_old without the factor p, which
+is not the surrogate's own step; `exact` is. The sign is the predicted direction of the entropy
+change; weights use |Omega|.
 """
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ def omega(
 
     entropy: the old policy's entropy for `release` (and `paper`); for `exact` pass the current
         policy's entropy together with sum_p2 / sum_p2_logp from the same forward pass.
-    clip_mask: `paper` only, True where the PPO ratio is clipped (I_clip = 0 there).
+    clip_mask: `paper` and `exact`, True where the PPO clip (or dual clip) fired: the loss gives those
+        tokens no gradient, so I_clip = 0 there (`release` ignores it, as released).
     """
     if form not in FORMS:
         raise ValueError(f"omega form={form!r}: choose one of {FORMS}")
@@ -78,7 +83,9 @@ def omega(
                 raise ValueError("omega form='exact' needs sum_p2 and sum_p2_logp (from token_stats)")
             own = p * (lp + ent)
             others = sum_p2_logp.detach().float() + ent * sum_p2.detach().float()
-            om = coef * (own - others)
+            om = coef * p * (own - others)  # logit step weight A * r = (A / p_old) * p
+            if clip_mask is not None:
+                om = om * (~clip_mask.bool()).float()
         else:
             base = coef * p * (1 - p) * (p.log() + ent)
             if form == "release":
