@@ -106,3 +106,25 @@ def test_parity_probe_samples_at_the_rollout_temperature(sampled):
     assert "parity failed" in at_t["probe"][0.0]  # a greedy probe reads raw logits: a T = 0.7 trainer fails it
     assert "parity failed" in sampled[1.0]["probe"][T]  # and a trainer without T fails the probe at T
     assert isinstance(sampled[1.0]["probe"][0.0], float)  # T = 1: greedy raw logits are the trained policy
+
+
+def test_trainer_at_T_with_the_new_loss_settings_runs_and_stays_on_policy(tmp_path):
+    """Two demo steps at T = 0.7 through the whole loop (rollout, old pass, update, weight sync
+    with the parity probe at T) with STEER exact over the mini-batch group, the release's batch
+    layout and an entropy bonus: the rollout and trainer log-probs agree to fp32 noise."""
+    import json
+    from pathlib import Path
+
+    from tests.test_trainer import SMALL, train_worker
+
+    over = SMALL + [f"demo.cache_dir={tmp_path / 'demo'}", f"trainer.output_dir={tmp_path}", "trainer.total_steps=2",
+                    "trainer.run_name=t07", "rollout.temperature=0.7", "algorithm.steer.form=exact",
+                    "algorithm.steer.group=mini_batch", "trainer.balance_batch=true", "trainer.micro_batch_size=2",
+                    "algorithm.token_mean_over=micro_batch", "algorithm.entropy_coeff=0.001"]
+    (run_dir,) = spawn_ranks(train_worker, 1, over)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "actor/pg_loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["actor/rollout_train_logprob_gap"] < ATOL and r["sync/parity_max_abs_diff"] <= ATOL
+        assert r["actor/entropy_loss"] > 0 and 0.8 <= r["actor/weight_mean"] <= 1.0
