@@ -128,3 +128,42 @@ def test_trainer_at_T_with_the_new_loss_settings_runs_and_stays_on_policy(tmp_pa
     for r in steps:
         assert r["actor/rollout_train_logprob_gap"] < ATOL and r["sync/parity_max_abs_diff"] <= ATOL
         assert r["actor/entropy_loss"] > 0 and 0.8 <= r["actor/weight_mean"] <= 1.0
+
+
+def kernel_paths_worker():
+    from steer_megatron.parallel import ParallelLayout, init_parallel
+    from steer_megatron.train.actor import ActorConfig, MegatronActor
+    from steer_megatron.train.optim import OptimSettings, wrap_for_training
+    from tests.test_actor import VOCAB
+    from tests.tiny_gpt import build_tiny_gpt, rl_batch
+
+    init_parallel(ParallelLayout(), seed=3)
+    weights = {n: p.detach().clone() for n, p in build_tiny_gpt(1, VOCAB).named_parameters()}
+
+    def fresh():
+        model = build_tiny_gpt(1, VOCAB)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n])
+        return model
+
+    batch = rl_batch(VOCAB, [(3, 12)] * 4)
+    ids = batch.input_ids
+    with torch.no_grad():  # reference: the plain model's logits / T, dense float64 softmax
+        logits = fresh()(ids, torch.arange(ids.shape[1])[None].expand_as(ids), None)[:, :-1, :VOCAB].double() / T
+    lp = torch.log_softmax(logits, -1)
+    ref = (lp.gather(-1, ids[:, 1:, None]).squeeze(-1), -(lp.exp() * lp).sum(-1))
+    out = {}
+    for fused in (False, True):
+        ddp, opt, sched = wrap_for_training(fresh(), OptimSettings(lr=1e-3))
+        actor = MegatronActor(ddp, opt, ActorConfig(vocab_size=VOCAB, micro_batch_size=2, mini_batch_size=4,
+                                                    temperature=T, fused_lm_head=fused), sched)
+        out[fused] = actor.compute_log_probs(batch)
+    return ref, out
+
+
+def test_logits_and_fused_lm_head_paths_both_divide_by_T():
+    (ref, out), = spawn_ranks(kernel_paths_worker, 1)
+    for fused in (False, True):
+        for got, want in zip(out[fused], ref):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # fp32 model and statistics
