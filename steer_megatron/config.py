@@ -67,7 +67,7 @@ class DataConfig:
 class RolloutConfig:
     engine: str = "cpu"  # cpu (steer_megatron.rollout.cpu_server, transformers) | sglang
     n: int = 8  # samples per prompt (the GRPO group size)
-    temperature: float = 1.0
+    temperature: float = 1.0  # the trainer optimises softmax(logits / T) too (log-probs, entropy, STEER), as released
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = II("data.max_response_len")
@@ -95,7 +95,11 @@ class SteerConfig:
     w_min: float = 0.8
     w_max: float = 1.0
     omega_floor: float = 0.02  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
-    group: str = "micro_batch"  # micro_batch | dp: over which tokens max|Omega| is taken
+    # over which tokens min/max |Omega| are taken (README "STEER forms, groups, temperature and
+    # aggregation"): micro_batch (as released; the release's per-GPU micro-batch is 8 sequences with
+    # prompts mixed: trainer.micro_batch_size=8, trainer.balance_batch=true) | dp | mini_batch
+    # (recommended: the whole mini-batch on every DP rank from the old-policy pass, split-independent)
+    group: str = "micro_batch"
 
 
 @dataclass
@@ -112,16 +116,40 @@ class DynamicSamplingConfig:
 
 
 @dataclass
+class KlCovConfig:
+    """`kl_cov` (Cui et al. 2025). Defaults: the original 7B script (PRIME-RL/Entropy-Mechanism-of-RL
+    recipe/dapo/7b_kl_cov.sh: k_percent 0.2 %, ppo_kl_coef 1)."""
+
+    ratio: float = 0.002  # fraction of valid tokens, top by covariance, that get the |log ratio| penalty
+    coef: float = 1.0
+
+
+@dataclass
+class ClipCovConfig:
+    """`clip_cov` (Cui et al. 2025). Defaults: the original 7B script (recipe/dapo/7b_clip_cov.sh)."""
+
+    ratio: float = 0.0002  # max(int(ratio * tokens), 1) tokens per micro-batch lose their gradient
+    lb: float = 1.0  # candidates: covariance strictly inside (lb, ub), not clipped by the PPO clip
+    ub: float = 5.0
+
+
+@dataclass
 class AlgorithmConfig:
     policy_loss: str = "steer"  # steer | grpo (more registered by steer_megatron.loss)
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip_c: float = 10.0
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
-    entropy_coeff: float = 0.0
+    # token-mean's denominator: mini_batch (all valid tokens of the mini-batch on every DP rank; the
+    # gradient does not depend on the split) | micro_batch (each micro-batch's token-mean, averaged
+    # over micro-batches and DP ranks: the release's verl actor)
+    token_mean_over: str = "mini_batch"
+    entropy_coeff: float = 0.0  # adds -coef * H (with gradient) to every policy loss, as released
     kl_coef: float = 0.0
     tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine's log-probs
     steer: SteerConfig = field(default_factory=SteerConfig)
+    kl_cov: KlCovConfig = field(default_factory=KlCovConfig)
+    clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
     adv: AdvantageConfig = field(default_factory=AdvantageConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     # token-statistics kernels (steer_megatron.loss.kernels): auto = Triton on CUDA, PyTorch elsewhere
@@ -178,6 +206,9 @@ class TrainerConfig:
     rollout_batch_size: int = 512  # prompts per step
     mini_batch_size: int = 32  # prompts per optimizer step
     micro_batch_size: int = 1  # sequences per forward/backward on one data-parallel rank
+    # reorder each mini-batch so every micro-batch mixes prompts and lengths (train/balance.py), as
+    # verl's balance_batch does before the release's micro-batches; rows otherwise stay in prompt order
+    balance_batch: bool = False
     ppo_epochs: int = 1
     save_every: int = 50  # 0 = only at the end
     keep_last: int = 2
@@ -346,7 +377,8 @@ _CHOICES = {
     "rollout.weight_sync": ("disk", "nccl"),
     "algorithm.steer.form": ("release", "paper", "exact"),
     "algorithm.steer.mapping": ("exp", "linear"),
-    "algorithm.steer.group": ("micro_batch", "dp"),
+    "algorithm.steer.group": ("micro_batch", "dp", "mini_batch"),
+    "algorithm.token_mean_over": ("mini_batch", "micro_batch"),
     "algorithm.adv.estimator": ("grpo",),
     "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "algorithm.loss_kernel": ("auto", "torch", "triton"),
@@ -387,8 +419,19 @@ def validate_config(
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
     alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
-    if not 0 < alg.clip_low < 1 or alg.clip_high <= 0:
-        raise ConfigError(f"algorithm.clip_low={alg.clip_low} must be in (0, 1) and clip_high={alg.clip_high} > 0")
+    if not 0 < alg.clip_low <= 1 or alg.clip_high <= 0:
+        raise ConfigError(f"algorithm.clip_low={alg.clip_low} must be in (0, 1] and clip_high={alg.clip_high} > 0")
+    if alg.entropy_coeff < 0:
+        raise ConfigError(f"algorithm.entropy_coeff={alg.entropy_coeff} must be >= 0 (it adds -coef * H to the loss)")
+    if alg.policy_loss == "entropy_reg" and alg.entropy_coeff == 0:
+        raise ConfigError("algorithm.policy_loss=entropy_reg with algorithm.entropy_coeff=0 is plain GRPO: set "
+                          "algorithm.entropy_coeff > 0 (e.g. 0.001) or use policy_loss=grpo")
+    if not (0 < alg.kl_cov.ratio <= 1 and 0 < alg.clip_cov.ratio <= 1 and alg.clip_cov.lb < alg.clip_cov.ub):
+        raise ConfigError(f"algorithm.kl_cov.ratio={alg.kl_cov.ratio} and clip_cov.ratio={alg.clip_cov.ratio} must be "
+                          f"in (0, 1], and clip_cov.lb={alg.clip_cov.lb} < clip_cov.ub={alg.clip_cov.ub}")
+    if not cfg.rollout.temperature > 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0: the trainer optimises "
+                          f"softmax(logits / T), the distribution the rollout samples from")
     if alg.dual_clip_c <= 1:
         raise ConfigError(f"algorithm.dual_clip_c={alg.dual_clip_c} must be > 1 (the dual-clip bound is c * |A|)")
     if not 0 < alg.steer.w_min <= alg.steer.w_max:

@@ -59,6 +59,25 @@ def test_7b_configs_carry_the_paper_hyper_parameters():
     extreme.algorithm.clip_low, extreme.algorithm.clip_high = 0.2, 0.28
     extreme.trainer.run_name = steer.trainer.run_name
     assert extreme == steer
+    for cfg in (steer, grpo):  # the release's batch layout: 8 sequences per micro-batch, prompts mixed
+        assert (cfg.trainer.micro_batch_size, cfg.trainer.balance_batch, cfg.algorithm.token_mean_over) == (8, True, "micro_batch")
+    assert steer.algorithm.steer.group == "micro_batch"
+    rec = load_config(CONFIG_DIR / "qwen2.5-math-7b_steer_group_mini_batch.yaml")
+    assert (rec.algorithm.steer.group, rec.algorithm.token_mean_over) == ("mini_batch", "mini_batch")
+
+
+def test_loss_settings_reach_the_policy_loss_config():
+    from steer_megatron.train.settings import policy_loss_config
+
+    cfg = load_config(None, ["algorithm.entropy_coeff=0.003", "algorithm.kl_cov.ratio=0.01", "algorithm.kl_cov.coef=2",
+                             "algorithm.clip_cov.ratio=0.001", "algorithm.clip_cov.lb=0.5", "algorithm.clip_cov.ub=4",
+                             "algorithm.steer.group=mini_batch", "algorithm.steer.form=exact", "trainer.seed=7"])
+    pl = policy_loss_config(cfg)
+    assert (pl.entropy_coeff, pl.kl_cov_ratio, pl.kl_cov_coef) == (0.003, 0.01, 2.0)
+    assert (pl.clip_cov_ratio, pl.clip_cov_lb, pl.clip_cov_ub, pl.seed) == (0.001, 0.5, 4.0, 7)
+    assert (pl.steer.group, pl.steer.form) == ("mini_batch", "exact")
+    default = policy_loss_config(load_config(None))
+    assert (default.kl_cov_ratio, default.clip_cov_ratio, default.entropy_coeff) == (0.002, 0.0002, 0.0)
 
 
 def test_overrides_and_typed_values():
@@ -79,6 +98,10 @@ def test_overrides_and_typed_values():
         ("algorithm.dual_clip_c=0.5", r"dual_clip_c=0.5 must be > 1"),
         ("rollout.max_new_tokens=99", r"rollout.max_new_tokens=99 exceeds data.max_response_len=16"),
         ("optim.lr=0", r"optim.lr=0.0: must be > 0"),
+        ("algorithm.policy_loss=entropy_reg", r"entropy_reg with algorithm.entropy_coeff=0 is plain GRPO"),
+        ("algorithm.token_mean_over=sequence", r"algorithm.token_mean_over='sequence': must be one of"),
+        ("algorithm.clip_cov.lb=6", r"clip_cov.lb=6.0 < clip_cov.ub=5.0"),
+        ("rollout.temperature=0", r"rollout.temperature=0.0 must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(override, match):
@@ -101,13 +124,13 @@ def test_base_cycle_is_reported(tmp_path):
 
 
 def test_parallel_layout_checks():
-    cfg = load_config(CONFIG_DIR / "qwen2.5-math-7b_steer.yaml")  # tp=4, micro 2
+    cfg = load_config(CONFIG_DIR / "qwen2.5-math-7b_steer.yaml")  # tp=4, micro 8
     assert validate_config(cfg, world_size=16, num_attention_heads=28, num_query_groups=4, check_paths=False) == 4
     with pytest.raises(ConfigError, match="world size 6 is not divisible by parallel.tp\\*pp\\*cp = 4"):
         validate_config(cfg, world_size=6, check_paths=False)
     with pytest.raises(ConfigError, match="does not divide the model's 2 query groups"):
         validate_config(cfg, num_attention_heads=28, num_query_groups=2, check_paths=False)
-    # 32 prompts x 8 = 256 sequences over dp = 1024 / 4 = 256 ranks: 1 each, not 2 per micro-batch
+    # 32 prompts x 8 = 256 sequences over dp = 1024 / 4 = 256 ranks: 1 each, not 8 per micro-batch
     with pytest.raises(ConfigError, match="256 sequences does not split into 256 data-parallel ranks x"):
         validate_config(cfg, world_size=1024, check_paths=False)
     cfg.trainer.micro_batch_size = 3

@@ -90,15 +90,36 @@ def test_steer_needs_old_entropy():
         get_policy_loss("steer")(inp)
 
 
-def test_entropy_reg_adds_entropy_gradient():
+@pytest.mark.parametrize("name", ["grpo", "steer", "entropy_reg", "kl_cov", "clip_cov", "entropy_adv"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_entropy_coeff_adds_minus_coef_times_entropy_to_every_loss(name, mode):
+    """As the release: loss - coef * agg(H), H with gradient, aggregated like the policy loss."""
     inp = _inputs(5)
-    cfg = PolicyLossConfig(entropy_reg_coeff=0.01)
-    loss, m = get_policy_loss("entropy_reg")(inp, cfg)
-    base, _ = get_policy_loss("grpo")(inp, cfg)
-    want = base - 0.01 * (inp.entropy * inp.mask).sum() / inp.mask.sum()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    inp.draw_key = (1,)  # clip_cov: the same draw in both calls
+    coef = 0.01
+    loss, m = get_policy_loss(name)(inp, PolicyLossConfig(entropy_coeff=coef, loss_agg_mode=mode))
+    base, _ = get_policy_loss("grpo" if name == "entropy_reg" else name)(inp, PolicyLossConfig(loss_agg_mode=mode))
+    ent = inp.entropy.detach()
+    if mode == "token-mean":
+        agg_h = (ent * inp.mask).sum() / inp.mask.sum()
+        d_h = inp.mask.double() / inp.mask.sum()
+    else:
+        per_seq = inp.mask.sum(-1).clamp(min=1)
+        agg_h = ((ent * inp.mask).sum(-1) / per_seq).mean()
+        d_h = inp.mask.double() / per_seq[:, None] / inp.mask.shape[0]
+    assert loss.item() == pytest.approx(base.item() - coef * agg_h.item(), rel=1e-12)
+    assert m["entropy_loss"].item() == pytest.approx(agg_h.item(), rel=1e-12)
     loss.backward()
-    torch.testing.assert_close(inp.entropy.grad, -0.01 * inp.mask.double() / inp.mask.sum())
+    torch.testing.assert_close(inp.entropy.grad, -coef * d_h)
+
+
+def test_entropy_reg_refuses_a_zero_coefficient_and_entropy_coeff_needs_entropy():
+    with pytest.raises(ValueError, match="algorithm.entropy_coeff > 0"):
+        get_policy_loss("entropy_reg")(_inputs(5), PolicyLossConfig())
+    inp = _inputs(5)
+    inp.entropy = None
+    with pytest.raises(ValueError, match="needs the current policy's entropy"):
+        get_policy_loss("grpo")(inp, PolicyLossConfig(entropy_coeff=0.01))
 
 
 def test_kl_cov_penalises_top_covariance_tokens():
@@ -126,20 +147,65 @@ def test_kl_cov_penalises_top_covariance_tokens():
     assert m["kl_cov_frac"].item() == pytest.approx(k / n)
 
 
-def test_clip_cov_detaches_a_seeded_random_subset_in_band():
-    inp = _inputs(7, shape=(8, 64), spread=0.05)
-    inp.advantages = inp.advantages * 20  # push covariances into the [lb, ub] band
-    cfg = PolicyLossConfig(clip_cov_ratio=0.05, clip_cov_lb=0.5, clip_cov_ub=50.0, seed=3)
+def _clip_cov_reference_candidates(inp, lb, ub, clip_low, clip_high):
+    """Cui et al.'s Clip-Cov candidates in float64: valid tokens the PPO clip left alone whose
+    centred covariance (A - mean A)(log p - mean log p) lies strictly inside (lb, ub)."""
+    m = inp.mask
+    lp = inp.log_prob.detach().double()
+    a = inp.advantages.double()
+    mean = lambda x: (x * m).sum() / m.sum()  # noqa: E731
+    cov = (a - mean(a)) * (lp - mean(lp))
+    r = (lp - inp.old_log_prob).exp()
+    clipped = -a * r.clamp(1 - clip_low, 1 + clip_high) > -a * r
+    return m & ~clipped & (cov > lb) & (cov < ub)
+
+
+def test_clip_cov_matches_the_reference_rule_and_draws_afresh_per_call():
+    inp = _inputs(7, shape=(8, 64), spread=0.3)
+    inp.advantages = inp.advantages * 20  # push covariances into the (lb, ub) band
+    cfg = PolicyLossConfig(clip_cov_ratio=0.05, clip_cov_lb=0.5, clip_cov_ub=50.0, seed=3, dual_clip_c=10.0)
+    cand = _clip_cov_reference_candidates(inp, 0.5, 50.0, 0.2, 0.28)
+    n = int(inp.mask.sum())
+    k = max(int(0.05 * n), 1)
+    assert int(cand.sum()) > k  # a real draw among more candidates than it keeps
+
+    def dropped(key):
+        inp.log_prob.grad = None
+        inp.draw_key = key
+        loss, m = get_policy_loss("clip_cov")(inp, cfg)
+        loss.backward()
+        ratio = (inp.log_prob - inp.old_log_prob).exp().detach()
+        # reference loss: max(-A r, -A clip(r)) (no dual clip), 0 on the dropped tokens, token-mean
+        ref = ppo_dual_clip_reference(inp.advantages, ratio, 0.2, 0.28, None)
+        pg_zero = (inp.log_prob.grad == 0) & inp.mask
+        d = pg_zero & cand
+        assert loss.item() == pytest.approx(float((ref * inp.mask * ~d).sum() / n), rel=1e-10)
+        assert m["clip_cov_frac"].item() == pytest.approx(int(d.sum()) / n)
+        return d
+
+    d1 = dropped((0, 0))
+    assert int(d1.sum()) == k and torch.all(cand[d1])  # exactly k, all among the candidates
+    assert torch.equal(d1, dropped((0, 0)))  # same (seed, key): the same tokens on every TP rank
+    d2 = dropped((0, 1))
+    assert int(d2.sum()) == k and not torch.equal(d1, d2)  # another micro-batch: a fresh choice
+
+
+def test_clip_cov_drops_one_token_of_a_small_micro_batch_and_ignores_dual_clip():
+    """max(int(ratio * n), 1): a micro-batch of a few hundred tokens at ratio 2e-4 still drops one
+    token (int() alone gives 0 below 5,000 tokens, and Clip-Cov silently equals GRPO)."""
+    inp = _inputs(12, shape=(4, 64), spread=0.3)
+    inp.advantages = inp.advantages * 20
+    cfg = PolicyLossConfig(clip_cov_lb=0.5, clip_cov_ub=50.0, dual_clip_c=1.5)
+    assert cfg.clip_cov_ratio == 0.0002 and int(0.0002 * int(inp.mask.sum())) == 0
     loss, m = get_policy_loss("clip_cov")(inp, cfg)
-    loss.backward()
-    dropped = (inp.log_prob.grad == 0) & inp.mask
-    assert m["clip_cov_frac"].item() > 0
-    g2 = inp.log_prob.grad.clone()
-    inp.log_prob.grad = None
-    loss2, _ = get_policy_loss("clip_cov")(inp, cfg)
-    loss2.backward()
-    assert torch.equal(g2, inp.log_prob.grad)  # same seed, same tokens on every rank
-    assert int(dropped.sum()) >= int(m["clip_cov_frac"].item() * inp.mask.sum().item())
+    assert m["clip_cov_frac"].item() * int(inp.mask.sum()) == pytest.approx(1.0)
+    assert m["clipfrac_dual"].item() == 0.0  # the reference has no dual clip
+
+
+def test_kl_cov_and_clip_cov_defaults_are_the_original_7b_scripts():
+    cfg = PolicyLossConfig()
+    assert (cfg.kl_cov_ratio, cfg.kl_cov_coef) == (0.002, 1.0)
+    assert (cfg.clip_cov_ratio, cfg.clip_cov_lb, cfg.clip_cov_ub) == (0.0002, 1.0, 5.0)
 
 
 def test_entropy_adv_shapes_advantage():
@@ -174,7 +240,7 @@ def test_aggregation_modes_against_loops():
 def test_empty_mask_gives_zero_loss_not_nan(name, mode):
     inp = _inputs(9)
     inp.mask = torch.zeros_like(inp.mask)
-    loss, m = get_policy_loss(name)(inp, PolicyLossConfig(loss_agg_mode=mode))
+    loss, m = get_policy_loss(name)(inp, PolicyLossConfig(loss_agg_mode=mode, entropy_coeff=0.01))
     assert loss.item() == 0.0
     assert all(torch.isfinite(v).all() for v in m.values())
     loss.backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,13 +50,15 @@ def test_sglang_and_router_command_lines():
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert flags["--model-path"] == "/ckpt/hf" and flags["--port"] == "31030" and flags["--tp-size"] == "2"
     assert flags["--base-gpu-id"] == "6" and flags["--mem-fraction-static"] == "0.7" and flags["--weight-version"] == "5"
-    assert argv[-1] == "--skip-tokenizer-init" and env == {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
+    # the trainer optimises softmax(logits / T): the servers must return log-probs of that (SGLang's default)
+    assert argv[-1] == "--skip-tokenizer-init" and env == {"SGLANG_RETURN_ORIGINAL_LOGPROB": "0"}
+    assert server_command(replace(cfg, return_original_logprob=True), 3)[1] == {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
     router = router_command(cfg.router)
     assert router[:3] == [sys.executable, "-m", "sglang_router.launch_router"]
     assert "--disable-health-check" in router and "--worker-urls" not in router
     assert router[router.index("--policy") + 1] == "round_robin" and router[router.index("--port") + 1] == "29001"
     cpu, _ = server_command(FleetConfig(model_path="/m", engine="cpu", base_port=40000), 0)
-    assert cpu[2] == "steer_megatron.rollout.cpu_server" and "--return-original-logprob" in cpu
+    assert cpu[2] == "steer_megatron.rollout.cpu_server" and "--return-original-logprob" not in cpu
 
 
 def test_client_requests_satisfy_sglang_contract():

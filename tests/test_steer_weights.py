@@ -44,45 +44,62 @@ def test_exact_form_uses_sum_p2_terms():
     st = token_stats(logits, target)
     adv = torch.randn(6, generator=g, dtype=torch.float64)
     old = st.logprob - 0.05
-    got = omega(adv, st.logprob, old, st.entropy, form="exact", sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp)
+    clip = torch.tensor([False, True, False, False, False, False])
+    got = omega(adv, st.logprob, old, st.entropy, form="exact", sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp,
+                clip_mask=clip)
     lp = torch.log_softmax(logits, -1)
     p, H = lp.exp(), -(lp.exp() * lp).sum(-1)
     for i in range(6):
         y = target[i]
         bracket = p[i, y] * (lp[i, y] + H[i]) - (p[i] ** 2 * (lp[i] + H[i])).sum()
-        want = -adv[i] / old[i].exp() * bracket
-        assert got[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-10)
+        want = 0.0 if clip[i] else -adv[i] * p[i, y] / old[i].exp() * bracket
+        assert got[i].item() == pytest.approx(float(want), rel=1e-5, abs=1e-10)
     with pytest.raises(ValueError, match="sum_p2"):
         omega(adv, st.logprob, old, st.entropy, form="exact")
 
 
-def test_exact_form_predicts_measured_entropy_change_of_a_softmax():
-    """One small log-prob-gradient step on a tabular softmax: exact Omega equals the measured
-    entropy change to second order; the release/paper forms only correlate."""
-    torch.manual_seed(1)
-    V, T, eta = 300, 120, 1e-5
-    measured, predicted = [], {f: [] for f in ("exact", "release", "paper")}
-    for _ in range(T):
-        z = torch.randn(V, dtype=torch.float64) * torch.empty(()).uniform_(0.5, 6).double()
-        p = torch.softmax(z, 0)
-        o = torch.multinomial(p, 1)
-        a = torch.randn((), dtype=torch.float64)
-        zz = z.clone().requires_grad_()
-        (a * torch.log_softmax(zz, 0)[o]).sum().backward()  # gradient weight w = a
-        H = lambda x: -(torch.softmax(x, 0) * torch.log_softmax(x, 0)).sum()  # noqa: E731
-        measured.append((H(z + eta * zz.grad) - H(z)).item() / eta)
-        st = token_stats(z[None], o)
-        # omega uses the weight A / p_old; with p_old = p that is w / p, so pass A = w * p
-        adv = (a * st.logprob.exp()).reshape(1)
-        for f in predicted:
-            predicted[f].append(omega(adv, st.logprob, st.logprob, st.entropy, form=f,
-                                      sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp).item())
-    m = torch.tensor(measured)
-    ex = torch.tensor(predicted["exact"])
-    assert torch.allclose(ex, m, atol=1e-4 * m.abs().max().item() + 1e-9, rtol=1e-3)
+def _pearson(x, y):
+    return float(torch.corrcoef(torch.stack([x.double(), y.double()]))[0, 1])
+
+
+@pytest.mark.parametrize("dual_clip_c", [10.0, 1.1])
+def test_exact_form_predicts_the_entropy_change_of_the_losss_own_step(dual_clip_c):
+    """Tabular softmax states (float64), one token each, off-policy (p_old = p * u, some ratios
+    outside the clip), stepped by the gradient of the project's own `grpo` loss (dual-clip PPO
+    surrogate). Exact Omega, with the clip mask from the same rule, predicts every state's measured
+    entropy change (Pearson >= 0.99; clipped tokens get no gradient and Omega 0); the release and
+    paper forms only correlate."""
+    from steer_megatron.loss import PolicyLossConfig, PolicyLossInputs, get_policy_loss
+
+    g = torch.Generator().manual_seed(1)
+    T, V, eta = 200, 300, 1e-4
+    z = torch.randn(T, V, generator=g, dtype=torch.float64) * (0.5 + 5.5 * torch.rand(T, 1, generator=g, dtype=torch.float64))
+    o = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(-1)
+    adv = torch.randn(T, generator=g, dtype=torch.float64)
+    zz = z.clone().requires_grad_()
+    lp = torch.log_softmax(zz, -1).gather(-1, o[:, None]).squeeze(-1)
+    u = 0.7 + 0.6 * torch.rand(T, generator=g, dtype=torch.float64)  # ratio r = 1 / u in [0.77, 1.43]
+    old = (lp.detach() + u.log()).clamp(max=0)
+    cfg = PolicyLossConfig(clip_low=0.2, clip_high=0.28, dual_clip_c=dual_clip_c)
+    inp = PolicyLossInputs(log_prob=lp, old_log_prob=old, advantages=adv, mask=torch.ones(T, dtype=torch.bool))
+    loss, _ = get_policy_loss("grpo")(inp, cfg)
+    (loss * T).backward()  # token-mean over T tokens: each state steps by its own token's gradient
+    H = lambda x: -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)  # noqa: E731
+    measured = (H(z - eta * zz.grad) - H(z)) / eta
+
+    r = (lp.detach() - old).exp()
+    clip = ((adv > 0) & (r > 1.28)) | ((adv < 0) & (r < 0.8)) | ((adv < 0) & (r > dual_clip_c))
+    assert 0 < int(clip.sum()) < T // 2  # the case exercises the clip
+    st = token_stats(z, o)
+    om = {f: omega(adv, st.logprob, old, st.entropy, form=f, sum_p2=st.sum_p2,
+                   sum_p2_logp=st.sum_p2_logp, clip_mask=clip) for f in ("exact", "release", "paper")}
+    free = ~clip
+    assert torch.all(measured[clip] == 0) and torch.all(om["exact"][clip] == 0)
+    # omega() computes in float32: compare to its rounding, the step's second order is far smaller
+    assert _pearson(om["exact"][free], measured[free]) >= 0.99
+    torch.testing.assert_close(om["exact"].double(), measured, rtol=1e-3, atol=1e-5 * float(measured.abs().max()))
     for f in ("release", "paper"):
-        r = torch.corrcoef(torch.stack([m, torch.tensor(predicted[f])]))[0, 1]
-        assert 0.3 < r < 0.999  # correlated but not exact: they drop the other tokens' terms
+        assert _pearson(om[f][free], measured[free]) < 0.95  # they drop the factor p and the other tokens' terms
 
 
 def test_exp_mapping_matches_formula_with_floor():

@@ -70,7 +70,7 @@ def run_rank(cfg, hf_dir: str, data: str, args) -> list[dict]:
     load_hf_weights(model, hf_dir, arch)
     ddp, optimizer, scheduler = wrap_for_training(model, optim_settings(cfg))
     base = ActorConfig(vocab_size=vocab.size, micro_batch_size=1, mini_batch_size=1, ppo_epochs=1,
-                       policy_loss="steer", loss=policy_loss_config(cfg))
+                       policy_loss="steer", loss=policy_loss_config(cfg), temperature=cfg.rollout.temperature)
     actor = MegatronActor(ddp, optimizer, base, scheduler)
     ctrl = WMinController(*_pair(args.band, "--band"), w_min_init=cfg.algorithm.steer.w_min,
                           w_min_bounds=_pair(args.w_min_bounds, "--w-min-bounds"), gain=args.gain)

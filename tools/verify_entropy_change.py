@@ -5,7 +5,7 @@ Samples a rollout batch from the model itself (HF generate on this machine), sco
 GRPO advantages, then on Megatron-Core (TP ranks via spawn): records every response token's
 entropy, performs ONE real training step with the configured loss, optimizer and LR, recomputes
 the entropies at the same positions and compares the measured change with Omega in each form
-(release, paper, exact; plus exact_ppo, the exact first order of the PPO surrogate). Several
+(release, paper, exact: the exact first order of the PPO surrogate's own step). Several
 --lr values are measured from the same starting weights (the step is undone in between).
 
 Writes OUT/report.json, OUT/scatter_lr<LR>.png (binned predicted vs measured per form) and
@@ -121,6 +121,7 @@ def _apply_flags(cfg, args) -> list[float]:
         cfg.optim.eps = args.adam_eps
     if args.weight_decay is not None:
         cfg.optim.weight_decay = args.weight_decay
+    cfg.rollout.temperature = args.temperature  # the actor's statistics are those of softmax(logits / T)
     lrs = [float(x) for x in args.lr.split(",")] if args.lr else [cfg.optim.lr]
     if any(lr <= 0 for lr in lrs):
         raise SystemExit(f"--lr values must be > 0, got {lrs}")
@@ -259,7 +260,8 @@ def measure_rank(cfg, hf_dir: str | None, ckpt: str | None, batch, lrs: list[flo
     n_seq = len(batch)
     actor = MegatronActor(ddp, optimizer, ActorConfig(
         vocab_size=vocab.size, micro_batch_size=_micro_batch_size(n_seq, cfg.trainer.micro_batch_size),
-        mini_batch_size=n_seq, ppo_epochs=1, policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg)),
+        mini_batch_size=n_seq, ppo_epochs=1, policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg),
+        temperature=cfg.rollout.temperature),
         scheduler)
     return [measure_entropy_change(actor, batch, undo=True, lr=lr)[0] for lr in lrs]
 

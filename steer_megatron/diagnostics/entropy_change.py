@@ -2,7 +2,7 @@
 
 Input: for every valid response token, the entropy change measured across one real update
 (H_after - H_before at the same position), Omega in each form (steer_megatron.loss.omega, per
-unit LR, log-prob gradient weight A / p_old), the advantage, the token's probability and the
+unit LR), the advantage, the token's probability and the
 state's entropy before the step, and the PPO ratio after the step. Output: a JSON-serialisable
 report (correlations, sign agreement, batch totals, the paper's quadrant / clipping / entropy
 analyses) and PNG plots.
@@ -24,10 +24,8 @@ import torch
 
 from steer_megatron.loss import omega
 
-# The three STEER forms, plus the exact first order of the PPO surrogate itself: at ratio 1 its
-# log-prob gradient weight is A (not A / p_old), i.e. p_old * Omega_exact. Not a STEER form; shown
-# because it separates "is the softmax algebra right" from "is the A / p_old weighting right".
-FORMS = ("release", "paper", "exact", "exact_ppo")
+# The three STEER forms; `exact` is the exact first order of the PPO surrogate's own step.
+FORMS = ("release", "paper", "exact")
 
 
 @dataclass
@@ -57,9 +55,7 @@ def omega_forms(
     """Omega in every form for an on-policy step (current policy = old policy, ratio 1: nothing is
     clipped, so the paper form's I_clip is 1). Computed by steer_megatron.loss.omega, unchanged."""
     common = dict(advantages=advantages, log_prob=log_prob, old_log_prob=log_prob, entropy=entropy)
-    out = {f: omega(**common, form=f, sum_p2=sum_p2, sum_p2_logp=sum_p2_logp) for f in ("release", "paper", "exact")}
-    out["exact_ppo"] = out["exact"] * log_prob.float().exp()
-    return out
+    return {f: omega(**common, form=f, sum_p2=sum_p2, sum_p2_logp=sum_p2_logp) for f in FORMS}
 
 
 # -- statistics ---------------------------------------------------------------------------------

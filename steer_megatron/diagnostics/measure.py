@@ -164,6 +164,7 @@ def measure_entropy_change(
         work = dataclasses.replace(batch)
         if before is not None:
             work.old_log_prob, work.old_entropy = before.log_prob, before.entropy
+            work.old_sum_p2, work.old_sum_p2_logp = before.sum_p2, before.sum_p2_logp  # steer.group=mini_batch, exact
         stepper = one_step_actor(actor, len(batch))
         if lr is not None:
             _set_lr(actor, lr)

@@ -7,7 +7,8 @@ detached 0-dim tensors, so nothing in here forces a host sync; log them once per
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -28,27 +29,37 @@ class PolicyLossConfig:
     steer: SteerConfig = field(default_factory=SteerConfig)
     kl_coef: float = 0.0  # KL to a reference policy; 0 disables (the paper uses none)
     kl_type: str = "k3"
-    entropy_reg_coeff: float = 0.001  # `entropy_reg`
-    kl_cov_ratio: float = 0.0002  # `kl_cov` (Cui et al. 2025)
+    # -coef * H (with gradient, aggregated like the policy loss) added to every loss, as the STEER
+    # release does; `entropy_reg` (PPO clip + this bonus) refuses 0
+    entropy_coeff: float = 0.0
+    # `kl_cov` and `clip_cov` (Cui et al. 2025): the original 7B scripts' values
+    # (PRIME-RL/Entropy-Mechanism-of-RL recipe/dapo/7b_kl_cov.sh: k_percent 0.2 %, ppo_kl_coef 1;
+    # 7b_clip_cov.sh: clip_cov_ratio 0.0002, lb 1, ub 5)
+    kl_cov_ratio: float = 0.002
     kl_cov_coef: float = 1.0
-    clip_cov_ratio: float = 0.0002  # `clip_cov` (Cui et al. 2025)
+    clip_cov_ratio: float = 0.0002
     clip_cov_lb: float = 1.0
     clip_cov_ub: float = 5.0
     entropy_adv_alpha: float = 0.4  # `entropy_adv` (Cheng et al. 2025)
     entropy_adv_kappa: float = 2.0
     tis_cap: float | None = None  # truncated importance sampling vs rollout log-probs
     prob_threshold: float = 0.5  # high/low-probability split for the quadrant counts
-    seed: int = 0  # clip_cov's random token choice (identical on every TP rank)
+    seed: int = 0  # the run seed: clip_cov's random token choice draws from (seed, PolicyLossInputs.draw_key)
 
     def __post_init__(self):
-        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0")
+        if not (0 <= self.clip_low <= 1 and self.clip_high >= 0):
+            raise ValueError(f"clip_low={self.clip_low} must be in [0, 1] and clip_high={self.clip_high} >= 0")
+        if not (0 < self.kl_cov_ratio <= 1 and 0 < self.clip_cov_ratio <= 1 and self.clip_cov_lb < self.clip_cov_ub):
+            raise ValueError(f"kl_cov_ratio={self.kl_cov_ratio} and clip_cov_ratio={self.clip_cov_ratio} must be in (0, 1] "
+                             f"and clip_cov_lb={self.clip_cov_lb} < clip_cov_ub={self.clip_cov_ub}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             raise ValueError(f"dual_clip_c={self.dual_clip_c} must be > 1 (or None to disable dual clip)")
         if self.loss_agg_mode not in AGG_MODES:
             raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}: choose one of {AGG_MODES}")
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"kl_type={self.kl_type!r}: choose one of {KL_TYPES}")
+        if self.entropy_coeff < 0:
+            raise ValueError(f"entropy_coeff={self.entropy_coeff} must be >= 0 (0 = no entropy bonus)")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"tis_cap={self.tis_cap} must be > 0 (or None to disable)")
         if isinstance(self.steer, dict):  # convenience for configs built from plain dicts
@@ -71,6 +82,10 @@ class PolicyLossInputs:
     rollout_log_prob: torch.Tensor | None = None  # for tis_cap
     token_normalizer: float | torch.Tensor | None = None  # see aggregation.aggregate
     dp_group: object = None  # for steer.group == "dp"
+    omega_range: torch.Tensor | None = None  # steer.group == "mini_batch": [min, max] |Omega| (steer.old_policy_omega_range)
+    # Identifies this call (step, epoch, mini-batch, micro-batch, DP rank) for losses that draw
+    # random numbers (clip_cov): with the run seed it fixes the draw, equal on every TP rank.
+    draw_key: tuple = ()
 
 
 PerTokenLoss = Callable[[PolicyLossInputs, PolicyLossConfig], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -143,12 +158,12 @@ def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
         if inp.entropy is None or inp.sum_p2 is None or inp.sum_p2_logp is None:
             raise ValueError("steer form 'exact' needs entropy, sum_p2 and sum_p2_logp of the current policy (token_stats)")
         om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.entropy, form="exact",
-                   sum_p2=inp.sum_p2, sum_p2_logp=inp.sum_p2_logp)
+                   sum_p2=inp.sum_p2, sum_p2_logp=inp.sum_p2_logp, clip_mask=clipped)
     else:
         if inp.old_entropy is None:
             raise ValueError(f"steer form {sc.form!r} needs old_entropy (the old policy's entropy from the old-log-prob pass)")
         om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.old_entropy, form=sc.form, clip_mask=clipped)
-    w = weights_from_omega(om.abs(), inp.mask.bool(), sc, dp_group=inp.dp_group)
+    w = weights_from_omega(om.abs(), inp.mask.bool(), sc, dp_group=inp.dp_group, omega_range=inp.omega_range)
     mask = inp.mask.bool()
     metrics.update(
         omega_mean=masked_mean(om, mask),
@@ -163,10 +178,12 @@ def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
 
 @register_policy_loss("entropy_reg")
 def _entropy_reg(inp: PolicyLossInputs, cfg: PolicyLossConfig):
-    if inp.entropy is None:
-        raise ValueError("entropy_reg needs the current policy's entropy (with grad) from token_stats")
+    """The PPO clip; the shared wrapper adds -entropy_coeff * H, which this name requires to be > 0."""
+    if cfg.entropy_coeff <= 0:
+        raise ValueError(f"policy loss entropy_reg with entropy_coeff={cfg.entropy_coeff}: set "
+                         f"algorithm.entropy_coeff > 0 (the paper's entropy-regularisation baseline), or use grpo")
     loss, _, metrics = _ppo_clip(inp.advantages, _ratio(inp), inp.mask, cfg)
-    return loss - cfg.entropy_reg_coeff * inp.entropy, metrics
+    return loss, metrics
 
 
 def _centred_cov(inp: PolicyLossInputs) -> torch.Tensor:
@@ -194,24 +211,30 @@ def _kl_cov(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return loss, {"kl_cov_frac": masked_mean(chosen.float(), mask)}
 
 
+def draw_generator(seed: int, key: tuple) -> torch.Generator:
+    """A CPU generator seeded from the run seed and a call's key: a fresh, reproducible draw per
+    call, identical on every rank that passes the same key (no collective needed)."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(key)).encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 @register_policy_loss("clip_cov")
 def _clip_cov(inp: PolicyLossInputs, cfg: PolicyLossConfig):
-    """PPO clip; a random clip_cov_ratio of tokens with covariance in [lb, ub] get no gradient."""
+    """PPO clip without dual clip; max(int(ratio * n), 1) tokens, drawn at random among those the
+    clip left alone whose covariance lies strictly inside (lb, ub), contribute nothing."""
     ratio = _ratio(inp)
     mask = inp.mask.bool()
-    loss, _, metrics = _ppo_clip(inp.advantages, ratio, mask, cfg)
+    loss, clipped, metrics = _ppo_clip(inp.advantages, ratio, mask, replace(cfg, dual_clip_c=None))
     cov = _centred_cov(inp)
-    band = mask & (cov >= cfg.clip_cov_lb) & (cov <= cfg.clip_cov_ub)
-    n_valid = int(mask.sum())
-    k = int(n_valid * cfg.clip_cov_ratio)
+    band = mask & ~clipped & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    k = max(int(cfg.clip_cov_ratio * int(mask.sum())), 1)  # this baseline needs a count to pick k tokens
     cand = band.flatten().nonzero().squeeze(-1)
     drop = torch.zeros(band.numel(), dtype=torch.bool, device=band.device)
-    if k and cand.numel():
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        pick = torch.randperm(cand.numel(), generator=gen)[:k].to(cand.device)
+    if cand.numel():
+        pick = torch.randperm(cand.numel(), generator=draw_generator(cfg.seed, inp.draw_key))[:k].to(cand.device)
         drop[cand[pick]] = True
     drop = drop.view_as(band)
-    loss = torch.where(drop, loss.detach(), loss)
+    loss = torch.where(drop, torch.zeros_like(loss), loss)
     metrics["clip_cov_frac"] = masked_mean(drop.float(), mask)
     return loss, metrics
 
@@ -286,6 +309,13 @@ def get_policy_loss(name: str):
         agg = lambda x: aggregate(x, inp.mask, cfg.loss_agg_mode, token_normalizer=inp.token_normalizer)  # noqa: E731
         pg_loss = agg(loss_mat)
         loss = pg_loss
+        if cfg.entropy_coeff:
+            if inp.entropy is None:
+                raise ValueError(f"entropy_coeff={cfg.entropy_coeff} needs the current policy's entropy (with grad) "
+                                 f"from token_stats")
+            ent = agg(inp.entropy)
+            loss = loss - cfg.entropy_coeff * ent
+            metrics["entropy_loss"] = ent.detach()
         if cfg.kl_coef:
             if inp.ref_log_prob is None:
                 raise ValueError("kl_coef > 0 needs ref_log_prob (the reference policy's log-probs)")

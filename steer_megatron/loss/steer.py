@@ -1,13 +1,17 @@
 """STEER's per-token entropy-change estimate (Omega) and the token weights derived from it.
 
 Omega is the first-order change of the state's entropy that one policy-gradient step on a token
-causes, per unit learning rate, with the log-prob gradient weighted by A / p_old as in the public
-release. Three forms (DESIGN.md section 1), with L(a) = log p(a) + H:
-  release: -(A / p_old) * p (1 - p) L(o)              p current policy, H old policy (as released)
-  paper:   -(A / p_old) * p (1 - p)^2 L(o) * I_clip  Theorem 1 / eq. 9 (learning rate folded out)
-  exact:   -(A / p_old) * [p L(o) - sum_a p_a^2 L(a)] exact first order of a softmax; p, H and the
-                                                      sum p^2 terms all from the current policy
-The sign is the predicted direction of the entropy change; weights use |Omega|.
+causes, per unit learning rate. Three forms (DESIGN.md section 1), with L(a) = log p(a) + H:
+  release: -(A / p_old) * p (1 - p) L(o)                  p current policy, H old policy (as released)
+  paper:   -(A / p_old) * p (1 - p)^2 L(o) * I_clip      Theorem 1 / eq. 9 (learning rate folded out)
+  exact:   -(A p / p_old) * [p L(o) - sum_a p_a^2 L(a)] * I_clip
+           the exact first order, for a tabular softmax, of the step the PPO surrogate -A * r makes
+           (its logit gradient is A * r * (e_o - pi), r = p / p_old); 0 where the clip (or dual
+           clip) fired, since those tokens get no gradient. p, H and the sum p^2 terms all from the
+           current policy.
+The release and paper forms weight the log-prob gradient by A / p_old without the factor p, which
+is not the surrogate's own step; `exact` is. The sign is the predicted direction of the entropy
+change; weights use |Omega|.
 """
 from __future__ import annotations
 
@@ -19,7 +23,13 @@ import torch.distributed as dist
 
 FORMS = ("release", "paper", "exact")
 MAPPINGS = ("exp", "linear")
-GROUPS = ("micro_batch", "dp")
+# Over which tokens min/max |Omega| (the weights' normalisation) are taken:
+#   micro_batch: the valid tokens of the local micro-batch, at the current policy (as released);
+#   dp:          those of the micro-batches that run at the same time on every DP rank (one all-reduce);
+#   mini_batch:  every valid token of the whole mini-batch on every DP rank, from the old-policy
+#                pass, computed once before the update (omega_range): the weights then do not
+#                depend on how the mini-batch is split into micro-batches or DP ranks.
+GROUPS = ("micro_batch", "dp", "mini_batch")
 OMEGA_FLOOR = 0.02  # the release's floor on max|Omega| for the exp mapping
 _P_EPS = 1e-8
 
@@ -30,7 +40,7 @@ class SteerConfig:
     mapping: str = "exp"
     w_min: float = 0.8
     w_max: float = 1.0
-    group: str = "micro_batch"  # over which tokens min/max |Omega| are taken
+    group: str = "micro_batch"  # over which tokens min/max |Omega| are taken (GROUPS)
     omega_floor: float = OMEGA_FLOOR  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
 
     def __post_init__(self):
@@ -63,7 +73,8 @@ def omega(
 
     entropy: the old policy's entropy for `release` (and `paper`); for `exact` pass the current
         policy's entropy together with sum_p2 / sum_p2_logp from the same forward pass.
-    clip_mask: `paper` only, True where the PPO ratio is clipped (I_clip = 0 there).
+    clip_mask: `paper` and `exact`, True where the PPO clip (or dual clip) fired: the loss gives those
+        tokens no gradient, so I_clip = 0 there (`release` ignores it, as released).
     """
     if form not in FORMS:
         raise ValueError(f"omega form={form!r}: choose one of {FORMS}")
@@ -78,7 +89,9 @@ def omega(
                 raise ValueError("omega form='exact' needs sum_p2 and sum_p2_logp (from token_stats)")
             own = p * (lp + ent)
             others = sum_p2_logp.detach().float() + ent * sum_p2.detach().float()
-            om = coef * (own - others)
+            om = coef * p * (own - others)  # logit step weight A * r = (A / p_old) * p
+            if clip_mask is not None:
+                om = om * (~clip_mask.bool()).float()
         else:
             base = coef * p * (1 - p) * (p.log() + ent)
             if form == "release":
@@ -104,15 +117,46 @@ def _masked_min_max(x: torch.Tensor, mask: torch.Tensor, group) -> tuple[torch.T
     return torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.zeros_like(hi), hi)
 
 
-def weights_from_omega(
-    abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, *, dp_group=None
+def omega_range(abs_omega: torch.Tensor, mask: torch.Tensor, *, dp_group=None) -> torch.Tensor:
+    """[min, max] of |Omega| over the valid tokens, across the data-parallel group when one is given
+    (steer.group='mini_batch': pass the whole local mini-batch's old-policy |Omega|)."""
+    lo, hi = _masked_min_max(abs_omega.detach().float(), mask.bool(), dp_group)
+    return torch.stack([lo, hi])
+
+
+def old_policy_omega_range(
+    advantages: torch.Tensor, old_log_prob: torch.Tensor, old_entropy: torch.Tensor, mask: torch.Tensor, *,
+    form: str, sum_p2: torch.Tensor | None = None, sum_p2_logp: torch.Tensor | None = None, dp_group=None,
 ) -> torch.Tensor:
-    """Map |Omega| to weights: tokens predicted to move entropy most get the smallest weight."""
+    """steer.group='mini_batch': [min, max] |Omega| over a whole mini-batch (every DP rank when
+    dp_group is given) at the old policy (p = p_old, ratio 1, so nothing is clipped), from the
+    old-log-prob pass's values; `exact` needs that pass's sum_p2 / sum_p2_logp."""
+    om = omega(advantages, old_log_prob, old_log_prob, old_entropy, form=form, sum_p2=sum_p2, sum_p2_logp=sum_p2_logp)
+    return omega_range(om.abs(), mask, dp_group=dp_group)
+
+
+def weights_from_omega(
+    abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, *, dp_group=None,
+    omega_range: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Map |Omega| to weights: tokens predicted to move entropy most get the smallest weight.
+
+    omega_range: [min, max] |Omega| of the group, required for (and only used by) group='mini_batch'."""
     mask = mask.bool()
+    if cfg.group == "mini_batch":
+        if omega_range is None:
+            raise ValueError("steer.group='mini_batch' needs omega_range: min/max |Omega| of the whole mini-batch "
+                             "from the old-policy pass (PolicyLossInputs.omega_range; MegatronActor.update computes it)")
+        lo, hi = omega_range[0].to(abs_omega.dtype), omega_range[1].to(abs_omega.dtype)
+        return _map(abs_omega, mask, cfg, lo, hi)
     group = dp_group if cfg.group == "dp" else None
     if cfg.group == "dp" and group is None and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("steer.group='dp' needs the data-parallel process group (dp_group)")
     lo, hi = _masked_min_max(abs_omega, mask, group)
+    return _map(abs_omega, mask, cfg, lo, hi)
+
+
+def _map(abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     if cfg.mapping == "exp":
         k = -math.log(cfg.w_min) / torch.clamp(hi, min=cfg.omega_floor)
         w = torch.exp(-k * abs_omega).clamp(cfg.w_min, 1.0)
@@ -139,14 +183,16 @@ def steer_weights(
     sum_p2: torch.Tensor | None = None,
     sum_p2_logp: torch.Tensor | None = None,
     clip_mask: torch.Tensor | None = None,
+    omega_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """STEER token weights shaped like the inputs (0 where mask is False; no gradient).
 
     min / max |Omega| are taken over the valid tokens of the local micro-batch (group="micro_batch",
-    as released) or of the whole data-parallel group (group="dp", one small all-reduce on dp_group).
+    as released), of the micro-batches running at once on every DP rank (group="dp", one small
+    all-reduce on dp_group), or given as omega_range (group="mini_batch", old_policy_omega_range).
     """
     cfg = SteerConfig(form=form, mapping=mapping, w_min=w_min, w_max=w_max, group=group)
     om = omega(
         advantages, log_prob, old_log_prob, entropy, form=form, sum_p2=sum_p2, sum_p2_logp=sum_p2_logp, clip_mask=clip_mask
     )
-    return weights_from_omega(om.abs(), mask, cfg, dp_group=dp_group)
+    return weights_from_omega(om.abs(), mask, cfg, dp_group=dp_group, omega_range=omega_range)

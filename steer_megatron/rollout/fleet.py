@@ -38,9 +38,12 @@ class FleetConfig:
     gpus_per_node: int = 8  # worker i uses GPUs from (i * tp_size) % gpus_per_node
     mem_fraction_static: float = 0.8
     skip_tokenizer_init: bool = True
-    # Log-probs of the raw model distribution, before temperature: what the trainer's
-    # importance ratios compare against (SGLang: env SGLANG_RETURN_ORIGINAL_LOGPROB=1).
-    return_original_logprob: bool = True
+    # False (default): log-probs of the distribution the tokens were sampled from, softmax(logits / T),
+    # which is the policy the trainer optimises (it divides its logits by rollout.temperature, as the
+    # STEER release does), so TIS and the parity probe compare like with like. True: log-probs of the
+    # raw logits, before temperature (SGLang: env SGLANG_RETURN_ORIGINAL_LOGPROB=1). The variable is
+    # always set explicitly, so a value inherited from the launching shell cannot flip it.
+    return_original_logprob: bool = False
     weight_version: str = "0"
     use_router: bool = True
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -86,7 +89,7 @@ def server_command(cfg: FleetConfig, index: int, model_path: str | None = None, 
     """argv and extra environment for worker `index` (SGLang or the CPU engine)."""
     model = model_path or cfg.model_path
     version = weight_version or cfg.weight_version
-    env = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"} if cfg.return_original_logprob else {}
+    env = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1" if cfg.return_original_logprob else "0"}
     if cfg.engine == "sglang":
         argv = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", model,

@@ -19,8 +19,12 @@ from steer_megatron.loss import (
     TokenStats,
     fused_linear_token_stats,
     get_policy_loss,
+    old_policy_omega_range,
     token_stats,
 )
+from steer_megatron.train.balance import balanced_order, row_lengths
+
+TOKEN_MEAN_OVER = ("mini_batch", "micro_batch")
 
 
 @dataclass
@@ -38,6 +42,9 @@ class ActorBatch:
     old_entropy: torch.Tensor | None = None
     rollout_log_prob: torch.Tensor | None = None
     ref_log_prob: torch.Tensor | None = None
+    # the old-log-prob pass's sum p^2 / sum p^2 log p: STEER exact with steer.group=mini_batch only
+    old_sum_p2: torch.Tensor | None = None
+    old_sum_p2_logp: torch.Tensor | None = None
 
     def __post_init__(self):
         b, length = self.input_ids.shape
@@ -70,6 +77,11 @@ class ActorBatch:
 
         return replace(self, **{f.name: grow(getattr(self, f.name)) for f in fields(self)})
 
+    def take(self, order: torch.Tensor) -> "ActorBatch":
+        """The rows in `order` (a permutation or selection of row indices)."""
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[order])
+                                for f in fields(self)})
+
     def padded(self, rows: int) -> "ActorBatch":
         """`rows` more rows, copies of the first with loss_mask False: they add nothing to any loss or statistic."""
         def grow(t):
@@ -95,10 +107,24 @@ class ActorConfig:
     # (diagnostics.closed_loop.lr_scale_bounds), which sets it per RL step: Adam and gradient
     # clipping renormalise any scale put on the loss, but not one put on the LR.
     lr_scale: float = 1.0
+    # The sampling temperature: log-probs and entropies are those of softmax(logits / T), the
+    # distribution the rollout sampled from (the STEER release divides its logits by T the same way).
+    temperature: float = 1.0
+    # Reorder each mini-batch's rows so every micro-batch mixes prompts and lengths (balance.py), as
+    # verl's balance_batch does before the release's per-GPU micro-batches.
+    balance_batch: bool = False
+    # token-mean's denominator: the valid tokens of the whole mini-batch on every DP rank (mini_batch,
+    # gradients independent of the split) or of each micro-batch, the micro-batch means then
+    # averaged over micro-batches and DP ranks (micro_batch: the release's verl actor).
+    token_mean_over: str = "mini_batch"
 
     def __post_init__(self):
         if not self.lr_scale > 0:
             raise ValueError(f"ActorConfig.lr_scale={self.lr_scale} must be > 0")
+        if not self.temperature > 0:
+            raise ValueError(f"ActorConfig.temperature={self.temperature} must be > 0 (rollout.temperature)")
+        if self.token_mean_over not in TOKEN_MEAN_OVER:
+            raise ValueError(f"ActorConfig.token_mean_over={self.token_mean_over!r}: choose one of {TOKEN_MEAN_OVER}")
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} must be a multiple of "
                              f"micro_batch_size={self.micro_batch_size}")
@@ -148,6 +174,26 @@ class _HiddenStatesTap:
         return kept
 
 
+def _scale_output_input(module, args, kwargs):
+    """Forward pre-hook: the output layer's input times 1 / T, so every path that turns it into
+    statistics (logits with the torch or Triton kernels, or the fused LM head) sees logits / T,
+    with no extra copy of the logits; the gradient flows through the scaling."""
+    return (args[0] * module.steer_inv_temperature,) + tuple(args[1:]), kwargs
+
+
+def apply_temperature(gpt, temperature: float) -> None:
+    """Make gpt's output layer produce logits / temperature (once per model: actors may share it)."""
+    layer = gpt.output_layer
+    current = getattr(layer, "steer_inv_temperature", None)
+    if current is None:
+        layer.steer_inv_temperature = 1.0 / temperature
+        if temperature != 1.0:  # T = 1 needs no hook
+            layer.register_forward_pre_hook(_scale_output_input, with_kwargs=True, prepend=True)
+    elif current != 1.0 / temperature:
+        raise ValueError(f"the model's output layer already divides by temperature {1 / current}, this actor asks "
+                         f"for {temperature}: actors sharing a model must share the temperature")
+
+
 class MegatronActor:
     def __init__(self, model: torch.nn.Module, optimizer, cfg: ActorConfig, scheduler=None):
         self.model, self.optimizer, self.cfg, self.scheduler = model, optimizer, cfg, scheduler
@@ -157,6 +203,11 @@ class MegatronActor:
         mcfg = unwrap(model).config
         self._seq_multiple = mcfg.tensor_model_parallel_size if mcfg.sequence_parallel else 1
         self._tap = None
+        self._updates = 0  # update() calls, the default step of clip_cov's draw key
+        if _is_last_stage():
+            from steer_megatron.models.hf_import import unwrap
+
+            apply_temperature(unwrap(model), cfg.temperature)
         if cfg.fused_lm_head and _is_last_stage():
             from steer_megatron.models.hf_import import unwrap
 
@@ -224,18 +275,55 @@ class MegatronActor:
     @torch.no_grad()
     def compute_log_probs(self, batch: ActorBatch, *, p2_stats: bool = False):
         """(log_prob, entropy) [B, L-1] of the current weights on the last stage, None elsewhere."""
+        st = self._stats(batch, p2_stats)
+        return (None, None) if st is None else (st["logprob"], st["entropy"])
+
+    @torch.no_grad()
+    def _stats(self, batch: ActorBatch, p2_stats: bool) -> dict[str, torch.Tensor] | None:
         self.model.eval()
 
         def loss_func(mb, logits):
             st = self.micro_batch_stats(logits, mb, p2_stats)
-            return logits.new_zeros(()), {"logprob": st.logprob, "entropy": st.entropy}
+            out = {"logprob": st.logprob, "entropy": st.entropy}
+            if p2_stats:
+                out.update(sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp)
+            return logits.new_zeros(()), out
 
         out = self.run_schedule(batch, loss_func, forward_only=True)
         self.model.train()
         if not _is_last_stage():
-            return None, None
+            return None
         n, t = len(batch), batch.input_ids.shape[1] - 1  # without the rows and positions run_schedule may have added
-        return torch.cat([o["logprob"] for o in out])[:n, :t], torch.cat([o["entropy"] for o in out])[:n, :t]
+        return {k: torch.cat([o[k] for o in out])[:n, :t] for k in out[0]}
+
+    def _needs_old_p2(self) -> bool:
+        s = self.cfg.loss.steer
+        return self.cfg.policy_loss == "steer" and s.group == "mini_batch" and s.form == "exact"
+
+    def old_pass(self, batch: ActorBatch) -> None:
+        """The old-log-prob pass: fills batch.old_log_prob and old_entropy (and, when STEER's exact
+        form takes its group's range over the mini-batch, old_sum_p2 / old_sum_p2_logp) on the last stage."""
+        st = self._stats(batch, self._needs_old_p2())
+        if st is None:
+            return
+        batch.old_log_prob, batch.old_entropy = st["logprob"], st["entropy"]
+        if self._needs_old_p2():
+            batch.old_sum_p2, batch.old_sum_p2_logp = st["sum_p2"], st["sum_p2_logp"]
+
+    def _omega_range(self, mini: ActorBatch):
+        """steer.group=mini_batch: [min, max] |Omega| of the whole mini-batch on every DP rank, at the old policy."""
+        from megatron.core import parallel_state as ps
+
+        s = self.cfg.loss.steer
+        if self.cfg.policy_loss != "steer" or s.group != "mini_batch" or not _is_last_stage():
+            return None
+        if mini.old_entropy is None or (s.form == "exact" and mini.old_sum_p2 is None):
+            raise ValueError("steer.group=mini_batch takes min/max |Omega| from the old-log-prob pass: run "
+                             "MegatronActor.old_pass(batch) (it fills old_entropy and, for form=exact, old_sum_p2)")
+        group = ps.get_data_parallel_group() if dist.is_initialized() else None
+        return old_policy_omega_range(mini.advantages, mini.old_log_prob, mini.old_entropy, mini.loss_mask,
+                                      form=s.form, sum_p2=mini.old_sum_p2, sum_p2_logp=mini.old_sum_p2_logp,
+                                      dp_group=group)
 
     # -- update -------------------------------------------------------------------------------
     def _global_tokens(self, mini: ActorBatch) -> torch.Tensor:
@@ -246,27 +334,37 @@ class MegatronActor:
             dist.all_reduce(n, group=ps.get_data_parallel_group())
         return n
 
-    def update(self, batch: ActorBatch) -> dict[str, float]:
-        """ppo_epochs passes over mini-batches; one optimizer step per mini-batch. Returns mean metrics."""
+    def update(self, batch: ActorBatch, *, step: int | None = None) -> dict[str, float]:
+        """ppo_epochs passes over mini-batches; one optimizer step per mini-batch. Returns mean metrics.
+
+        step: the RL step, part of the key of every random draw in the loss (clip_cov), with the run
+        seed, the epoch, the mini-batch, the micro-batch and the DP rank; default: calls so far."""
         from megatron.core import parallel_state as ps
 
         if _is_last_stage() and (batch.advantages is None or batch.old_log_prob is None):
             raise ValueError("update() needs advantages and old_log_prob (run compute_log_probs first)")
         cfg = self.cfg
+        step = self._updates if step is None else step
+        self._updates += 1
         form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
-        dp = ps.get_data_parallel_world_size()
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         sums: dict[str, float] = {}
         count = 0
         grad_norms = []
-        for _ in range(cfg.ppo_epochs):
-            for start in range(0, len(batch), cfg.mini_batch_size):
+        for epoch in range(cfg.ppo_epochs):
+            for mini_index, start in enumerate(range(0, len(batch), cfg.mini_batch_size)):
                 mini = batch.slice(start, start + cfg.mini_batch_size)
+                if cfg.balance_batch:
+                    mini = mini.take(balanced_order(row_lengths(mini.loss_mask), cfg.micro_batch_size))
                 n_micro = -(-len(mini) // cfg.micro_batch_size)
-                token_mean = cfg.loss.loss_agg_mode == "token-mean"
+                token_mean = cfg.loss.loss_agg_mode == "token-mean" and cfg.token_mean_over == "mini_batch"
                 # token-mean over the whole mini-batch on every DP rank: the schedule divides by the
-                # number of micro-batches and DDP averages over DP, so undo both.
+                # number of micro-batches and DDP averages over DP, so undo both. (token_mean_over=
+                # micro_batch keeps both: each micro-batch's own token-mean, averaged, as released.)
                 normalizer = self._global_tokens(mini) if token_mean else None
                 scale = n_micro * dp if token_mean else 1
+                omega_range = self._omega_range(mini)
+                micro_index = iter(range(n_micro))
 
                 def loss_func(mb, logits):
                     st = self.micro_batch_stats(logits, mb, p2_stats=form == "exact")
@@ -275,7 +373,8 @@ class MegatronActor:
                         mask=mb.loss_mask, entropy=st.entropy, old_entropy=mb.old_entropy,
                         sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=mb.ref_log_prob,
                         rollout_log_prob=mb.rollout_log_prob, token_normalizer=normalizer,
-                        dp_group=ps.get_data_parallel_group(),
+                        dp_group=ps.get_data_parallel_group(), omega_range=omega_range,
+                        draw_key=(step, epoch, mini_index, next(micro_index), dp_rank),
                     )
                     loss, metrics = self.loss_fn(inp, cfg.loss)
                     metrics["loss"] = loss.detach().clone()

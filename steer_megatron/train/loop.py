@@ -61,7 +61,8 @@ def train(cfg: RunConfig) -> Path:
         vocab_size=vocab.size, micro_batch_size=cfg.trainer.micro_batch_size,
         mini_batch_size=cfg.trainer.mini_batch_size * n // dp, ppo_epochs=cfg.trainer.ppo_epochs,
         policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg), loss_kernel=cfg.algorithm.loss_kernel,
-        fused_lm_head=cfg.algorithm.fused_lm_head), scheduler)
+        fused_lm_head=cfg.algorithm.fused_lm_head, temperature=cfg.rollout.temperature,
+        balance_batch=cfg.trainer.balance_batch, token_mean_over=cfg.algorithm.token_mean_over), scheduler)
     # the initial policy, frozen, when the loss has a KL penalty to it
     reference = ReferencePolicy.build(arch, cfg.model.hf_path, params_dtype=DTYPES[cfg.model.dtype],
                                       padded_vocab=vocab.padded_size, cfg=actor.cfg, seed=cfg.trainer.seed,
@@ -78,7 +79,8 @@ def train(cfg: RunConfig) -> Path:
     driver = Driver(cfg, run, sampler_state, resume_step=start_step if latest else None, dp=dp) if control.is_driver else None
     publisher = WeightPublisher(actor, control, driver.weight_sync if driver else None,
                                 driver.probe_prompts if driver else [], pad_id=control.broadcast(driver.pad_id if driver else None),
-                                atol=cfg.rollout.parity_atol, dtype=DTYPES[cfg.model.dtype])
+                                atol=cfg.rollout.parity_atol, dtype=DTYPES[cfg.model.dtype],
+                                temperature=cfg.rollout.temperature)
     try:
         publisher.publish(start_step)  # the fleet serves exactly the weights we train from
         if driver and cfg.eval.every and cfg.eval.at_start and start_step == 0:
@@ -90,14 +92,14 @@ def train(cfg: RunConfig) -> Path:
 
             local = batch.dp_slice(ps.get_data_parallel_rank(), dp)
             t1 = time.perf_counter()
-            local.old_log_prob, local.old_entropy = actor.compute_log_probs(local)
+            actor.old_pass(local)  # old_log_prob, old_entropy (and what STEER's group needs)
             if reference:
                 local.ref_log_prob = reference.log_probs(local)
             timing["timing/old_logprob_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             if diag:
                 diag.before_update(actor)  # keeps the starting weights when the closed loop may trim the step
-            train_metrics = actor.update(local)
+            train_metrics = actor.update(local, step=step)
             on_last_stage = local.old_log_prob is not None  # where the statistics and the loss live
             if on_last_stage:
                 gap = (local.old_log_prob - local.rollout_log_prob).abs()[local.loss_mask]

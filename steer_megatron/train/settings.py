@@ -28,7 +28,9 @@ def policy_loss_config(cfg: RunConfig) -> PolicyLossConfig:
         kl_coef=a.kl_coef, tis_cap=a.tis_cap, seed=cfg.trainer.seed,
         steer=SteerConfig(form=a.steer.form, mapping=a.steer.mapping, w_min=a.steer.w_min, w_max=a.steer.w_max,
                           group=a.steer.group, omega_floor=a.steer.omega_floor),
-        **({"entropy_reg_coeff": a.entropy_coeff} if a.entropy_coeff else {}),
+        entropy_coeff=a.entropy_coeff,
+        kl_cov_ratio=a.kl_cov.ratio, kl_cov_coef=a.kl_cov.coef,
+        clip_cov_ratio=a.clip_cov.ratio, clip_cov_lb=a.clip_cov.lb, clip_cov_ub=a.clip_cov.ub,
     )
 
 

@@ -39,11 +39,17 @@ class WeightPublisher:
     """`publish(version)` on every rank after each optimizer step."""
 
     def __init__(self, actor: MegatronActor, control: ControlPlane, sync: WeightSync | None,
-                 probe_prompts: Sequence[Sequence[int]], *, pad_id: int, atol: float, dtype: torch.dtype):
+                 probe_prompts: Sequence[Sequence[int]], *, pad_id: int, atol: float, dtype: torch.dtype,
+                 temperature: float = 1.0):
         self.actor, self.control, self.sync, self.pad_id, self.dtype = actor, control, sync, pad_id, dtype
+        if temperature != actor.cfg.temperature:
+            raise ValueError(f"WeightPublisher: rollout temperature {temperature} differs from the actor's "
+                             f"{actor.cfg.temperature}: the parity probe would compare two distributions")
         if control.is_driver and sync is not None:
+            # the trainer scores softmax(logits / T): probe that distribution (greedy = raw logits at T = 1)
             sync.probe = ParityProbe(prompts=tuple(tuple(p) for p in probe_prompts),
-                                     trainer_logprobs=self._driver_logprobs, atol=atol)
+                                     trainer_logprobs=self._driver_logprobs, atol=atol,
+                                     temperature=0.0 if temperature == 1.0 else temperature)
 
     def _driver_logprobs(self, prompts, completions):
         self.control.broadcast(("probe", prompts, completions))

@@ -3,9 +3,11 @@
 sync(): pause generation on every worker -> transport pushes the weights (and the new
 weight_version) -> flush the prefix cache -> continue generation -> parity probe: greedy
 log-probs the servers return for a fixed probe batch must equal the trainer's own for
-the same tokens, else the step stops with ParityError. Greedy log-probs are SGLang's raw
-log_softmax (no temperature) whatever SGLANG_RETURN_ORIGINAL_LOGPROB says, so the probe
-compares like with like on every engine.
+the same tokens, else the step stops with ParityError. The probe asks for the distribution the
+trainer optimises: at rollout temperature 1 greedy decoding (SGLang returns the raw log_softmax
+for greedy requests whatever SGLANG_RETURN_ORIGINAL_LOGPROB says); at T != 1 sampling at T, whose
+returned log-probs are log_softmax(logits / T) (the fleet's default), the same distribution as the
+trainer's logits / T and the rollout log-probs TIS uses.
 """
 from __future__ import annotations
 
@@ -57,17 +59,18 @@ class ParityProbe:
     max_new_tokens: int = 8
     atol: float = 1e-5
     timeout_s: float = 120.0
+    temperature: float = 0.0  # 0: greedy (raw logits = the T = 1 policy); else sample at the rollout temperature
 
     def __post_init__(self) -> None:
         if not self.prompts or any(len(p) == 0 for p in self.prompts):
             raise ValueError("ParityProbe.prompts must be a non-empty tuple of non-empty token-id tuples")
-        if self.max_new_tokens < 1 or self.atol <= 0:
-            raise ValueError("ParityProbe.max_new_tokens must be >= 1 and atol > 0")
+        if self.max_new_tokens < 1 or self.atol <= 0 or self.temperature < 0:
+            raise ValueError("ParityProbe.max_new_tokens must be >= 1, atol > 0 and temperature >= 0")
 
     def request(self, version: str) -> dict[str, Any]:
         return {
             "input_ids": [list(p) for p in self.prompts],
-            "sampling_params": {"temperature": 0.0, "max_new_tokens": self.max_new_tokens},
+            "sampling_params": {"temperature": float(self.temperature), "max_new_tokens": self.max_new_tokens},
             "return_logprob": True, "logprob_start_len": -1,
             "rid": [f"parity-{version}-{i}" for i in range(len(self.prompts))],
         }
@@ -96,7 +99,8 @@ class ParityProbe:
                         f"weight sync parity failed on {url} (version {version}): probe row {row}, token {pos} "
                         f"(id {completions[row][pos]}): server log-prob {s_row[pos]:.8f} vs trainer {t_row[pos]:.8f}, "
                         f"|diff| {float(diff.max()):.3e} > atol {self.atol:.1e}. Check the exported names/layouts "
-                        f"(a missed or mis-permuted tensor), the dtype of both sides, and that the server returns raw log-probs."
+                        f"(a missed or mis-permuted tensor), the dtype of both sides, and that the server returns log-probs at the rollout temperature "
+                        f"(SGLANG_RETURN_ORIGINAL_LOGPROB unset or 0)."
                     )
         return ParityReport(version, worst, checked)
 
