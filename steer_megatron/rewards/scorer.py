@@ -90,7 +90,8 @@ class RewardScorer:
     Use as a context manager (or call close()) so the worker processes end with the run.
     """
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, startup_timeout_s: float = 120.0):
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, startup_timeout_s: float = 120.0,
+                 routes: dict[str, str] | None = None):
         if timeout_s <= 0:
             raise ValueError(f"reward timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
@@ -98,6 +99,7 @@ class RewardScorer:
         self.timeout_s = timeout_s
         self.num_workers = num_workers
         self.startup_timeout_s = startup_timeout_s
+        self.routes = dict(routes or {})  # data_source glob -> reward name, before the registry's routes
         self.stats = ScorerStats()
         self._ctx = mp.get_context("spawn")  # fork after torch threads start is unsafe
         self._workers: list[_Worker] = []
@@ -116,7 +118,7 @@ class RewardScorer:
                 f"score(): lengths differ: data_sources {len(data_sources)}, completions {n}, "
                 f"ground_truths {len(ground_truths)}, styles {None if styles is None else len(styles)}"
             )
-        specs = [get_reward_fn(ds, None if styles is None else styles[i]) for i, ds in enumerate(data_sources)]
+        specs = [get_reward_fn(ds, None if styles is None else styles[i], self.routes) for i, ds in enumerate(data_sources)]
         res = ScoreResult(scores=[0.0] * n, reward_names=[s.name for s in specs])
         sandboxed: list[int] = []
         for i, spec in enumerate(specs):

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from steer_megatron.loss.rollout_correction import keep_mask
 from steer_megatron.loss import (
     PolicyLossConfig,
     PolicyLossInputs,
@@ -38,6 +39,7 @@ class ActorBatch:
     old_entropy: torch.Tensor | None = None
     rollout_log_prob: torch.Tensor | None = None
     ref_log_prob: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None  # each sequence's reward on its response tokens (GTPO's estimator)
 
     def __post_init__(self):
         b, length = self.input_ids.shape
@@ -227,6 +229,10 @@ class MegatronActor:
         if _is_last_stage() and (batch.advantages is None or batch.old_log_prob is None):
             raise ValueError("update() needs advantages and old_log_prob (run compute_log_probs first)")
         cfg = self.cfg
+        if cfg.loss.correction.drops_tokens and batch.old_log_prob is not None:
+            # masked IS drops tokens before the token count of each mini-batch is taken (the loss drops them again)
+            batch = replace(batch, loss_mask=keep_mask(batch.old_log_prob, batch.rollout_log_prob, batch.loss_mask,
+                                                       cfg.loss.correction))
         form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
         dp = ps.get_data_parallel_world_size()
         sums: dict[str, float] = {}

@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from steer_megatron.algorithms.advantages import fill_with_informative_groups, grpo_advantages
+from steer_megatron.algorithms.advantages import (
+    fill_with_informative_groups,
+    grpo_advantages,
+    w_reinforce_advantages,
+)
 from steer_megatron.config import RunConfig, config_to_yaml
 from steer_megatron.data.rl_dataset import load_rl_parquets
 from steer_megatron.data.sampler import ResumableSampler
@@ -26,6 +30,16 @@ from steer_megatron.train.batch import samples_to_batch
 from steer_megatron.train.run_dir import RunDir
 
 _PROBE_PROMPTS = 2
+
+
+def sequence_advantages(rewards: torch.Tensor, adv) -> torch.Tensor:
+    """[G, n] rewards -> [G, n] per-sequence advantages of algorithm.adv.estimator. GTPO's are per token
+    and need the old policy's entropy: the trainer fills them after the old-log-prob pass (zeros here)."""
+    if adv.estimator == "w_reinforce":
+        return w_reinforce_advantages(rewards, adv.w_reinforce_lambda)
+    if adv.estimator == "gtpo":
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    return grpo_advantages(rewards, norm_by_std=adv.norm_by_std, eps=adv.eps)
 
 
 class Driver:
@@ -57,7 +71,8 @@ class Driver:
             self.sampler.load_state_dict(sampler_state)
         self.probe_prompts = [e.prompt_ids for e in examples[:_PROBE_PROMPTS]]
         self.eval_sets = self._load_eval_sets()
-        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
+                                   routes=dict(cfg.reward.routes))
         self.fleet = Fleet(self._fleet_config()).start()
         self.client = RolloutClient(self.fleet.endpoints, RolloutConfig(run_id=self._run_id(), concurrency=cfg.rollout.concurrency))
         self.weight_sync = DiskWeightSync(self.fleet, export_root=run.path / "rollout_weights", source_dir=cfg.model.hf_path)
@@ -149,13 +164,14 @@ class Driver:
             groups, _ = generate(tr.rollout_batch_size)
             self._rollout_metrics = {}
         rewards = torch.stack([g[2] for g in groups])
-        adv = grpo_advantages(rewards, norm_by_std=self.cfg.algorithm.adv.norm_by_std, eps=self.cfg.algorithm.adv.eps)
+        adv = sequence_advantages(rewards, self.cfg.algorithm.adv)
         prompts, samples = [], []
         for e, group_samples, _ in groups:
             for s in group_samples:
                 prompts.append(e.prompt_ids)
                 samples.append(s)
-        batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id)
+        batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id,
+                                 rewards=rewards.flatten().tolist())
         seconds = time.perf_counter() - t0
         lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
         self._rollout_metrics.update({
