@@ -442,6 +442,9 @@ def _check_objective(cfg: RunConfig, world_size: int | None) -> None:
     if alg.adv.estimator == "w_reinforce" and not alg.adv.w_reinforce_lambda > 0:
         raise ConfigError(f"algorithm.adv.w_reinforce_lambda={alg.adv.w_reinforce_lambda}: must be > 0 (paper: 0.1)")
     if alg.adv.estimator == "gtpo":
+        if cfg.diagnostics.probe_every:
+            raise ConfigError("algorithm.adv.estimator=gtpo fills its token advantages inside the step; the entropy "
+                              "probe replays a held batch without them: set diagnostics.probe_every=0")
         if alg.dynamic_sampling.enabled:
             raise ConfigError("algorithm.adv.estimator=gtpo shapes rewards over whole prompt groups on each rank; "
                               "dynamic sampling can leave split groups: set algorithm.dynamic_sampling.enabled=false")
