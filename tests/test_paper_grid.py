@@ -1,6 +1,7 @@
 """The paper's comparison grid (configs/paper_grid/): each config loads, differs from the shared base
 only in its algorithm block, and trains 3 steps on the CPU demo model with the same overrides."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -76,20 +77,35 @@ def grid_worker(rows, overrides):
     return {row: str(train(load_config(GRID / f"{row}.yaml", overrides))) for row in rows}
 
 
+# rows whose loss has a gradient even when every group's rewards are equal (GRPO advantages all 0);
+# kl_cov's then is only |log p - log p_old| at ~0, whose sign is numerical noise: not asserted
+SIGNAL_WITHOUT_CONTRAST = {"w_reinforce", "gtpo", "entropy_reg"}
+
+
+def check_row(row: str, run: Path) -> None:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "actor/pg_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3], row
+    for r in steps:
+        assert math.isfinite(r["actor/pg_loss"]) and math.isfinite(r["actor/grad_norm"]), row
+        # a step moves the weights exactly when the row's loss has a signal: the tiny demo batch often
+        # holds only all-equal groups, where GRPO-style advantages (and so their gradient) are exactly 0
+        contrast = r["rollout/groups_all_equal_frac"] < 1
+        if contrast or row in SIGNAL_WITHOUT_CONTRAST:
+            assert r["actor/grad_norm"] > 0, (row, r["step"])
+        elif row != "kl_cov":
+            assert r["actor/grad_norm"] == 0, (row, r["step"], r["actor/grad_norm"])
+        # the trainer / rollout mismatch is logged every step (the fp32 CPU engine: tiny)
+        assert 0 <= r["actor/mismatch_k3"] < 1e-4, row
+        assert r["actor/ppl_rollout"] == pytest.approx(r["actor/ppl_trainer"], rel=1e-3), row
+        if row in SIGNATURE:
+            assert SIGNATURE[row] in r, row
+    assert (run / "DONE").is_file(), row
+
+
 @pytest.mark.slow
 def test_every_grid_row_trains_three_steps_on_the_demo_model(tmp_path):
     # demo assets in the repo's cache (.cache/demo_assets/<hash>): built once per machine
-    runs = spawn_ranks(grid_worker, 1, ROWS, DEMO + [f"trainer.output_dir={tmp_path}"], timeout=1800)[0]
+    runs = spawn_ranks(grid_worker, 1, ROWS, DEMO + [f"trainer.output_dir={tmp_path}"], timeout=2400)[0]
     for row in ROWS:
-        run = Path(runs[row])
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "actor/pg_loss" in r]
-        assert [r["step"] for r in steps] == [1, 2, 3], row
-        for r in steps:
-            assert r["actor/grad_norm"] > 0 and abs(r["actor/pg_loss"]) < 1e3, row
-            # the trainer / rollout mismatch is logged every step (the fp32 CPU engine: tiny)
-            assert 0 <= r["actor/mismatch_k3"] < 1e-4, row
-            assert r["actor/ppl_rollout"] == pytest.approx(r["actor/ppl_trainer"], rel=1e-3), row
-            if row in SIGNATURE:
-                assert SIGNATURE[row] in r, row
-        assert (run / "DONE").is_file(), row
+        check_row(row, Path(runs[row]))
