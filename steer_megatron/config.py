@@ -88,7 +88,7 @@ class SteerConfig:
 
 @dataclass
 class AdvantageConfig:
-    estimator: str = "grpo"  # grpo | w_reinforce | gtpo (algorithms/advantages.py)
+    estimator: str = "grpo"  # grpo | w_reinforce | psr | nsr | gtpo (algorithms/advantages.py)
     norm_by_std: bool = True
     eps: float = 1e-6
     w_reinforce_lambda: float = 0.1  # W-REINFORCE: advantage of a correct sample (wrong: -1); the paper's 0.1
@@ -326,7 +326,7 @@ _CHOICES = {
     "algorithm.steer.form": ("release", "paper", "exact"),
     "algorithm.steer.mapping": ("exp", "linear"),
     "algorithm.steer.group": ("micro_batch", "dp"),
-    "algorithm.adv.estimator": ("grpo", "w_reinforce", "gtpo"),
+    "algorithm.adv.estimator": ("grpo", "w_reinforce", "psr", "nsr", "gtpo"),
     "algorithm.rollout_correction.mode": ("none", "truncate", "icepop", "mask"),
     "algorithm.rollout_correction.level": ("token", "sequence", "geometric"),
     "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),

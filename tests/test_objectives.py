@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from steer_megatron.algorithms.advantages import gtpo_token_advantages, w_reinforce_advantages
+from steer_megatron.algorithms.advantages import gtpo_token_advantages, psr_nsr_advantages, w_reinforce_advantages
 from steer_megatron.loss import PolicyLossConfig, PolicyLossInputs, SteerConfig, get_policy_loss
 from steer_megatron.loss.rollout_correction import RolloutCorrection, mismatch_metrics
 from steer_megatron.parallel import spawn_ranks
@@ -111,6 +111,28 @@ def test_w_reinforce_equals_the_reference_formula():
             r = math.exp(lp - old)
             want += max(-a * r, -a * min(max(r, 0.8), 1.2))
             n += 1
+    assert loss.item() == pytest.approx(want / n, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["psr", "nsr"])
+def test_psr_nsr_equal_the_reference_on_the_subset(mode):
+    """RLVR-Decomposed keeps only the correct (PSR, advantage r = 1) or wrong (NSR, r - 1 = -1) samples
+    and runs the PPO clip on that sub-batch: here the other rows leave the mask instead."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    adv, kept = psr_nsr_advantages(rewards, mode)
+    inp = _inputs(11, shape=(8, 7), spread=0.4)
+    inp.advantages = adv.double()[:, None].expand(8, 7).contiguous()
+    inp.mask = inp.mask & kept[:, None]
+    loss, _, _ = _ours_and_grad(mode, inp, PolicyLossConfig(clip_low=0.2, clip_high=0.2, dual_clip_c=None))
+    sign = 1.0 if mode == "psr" else -1.0
+    rows = [i for i in range(8) if (rewards[i] > 0.5) == (mode == "psr")]
+    want, n = 0.0, 0
+    for i in rows:
+        for j in range(7):
+            if inp.mask[i, j]:
+                r = math.exp(inp.log_prob[i, j].item() - inp.old_log_prob[i, j].item())
+                want += max(-sign * r, -sign * min(max(r, 0.8), 1.2))
+                n += 1
     assert loss.item() == pytest.approx(want / n, rel=1e-12)
 
 

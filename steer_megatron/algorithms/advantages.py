@@ -97,7 +97,7 @@ def fill_with_informative_groups(
 # rewards alike), the same split as the rollout accuracy metric.
 
 CORRECT_ABOVE = 0.5
-ESTIMATORS = ("grpo", "w_reinforce", "gtpo")
+ESTIMATORS = ("grpo", "w_reinforce", "psr", "nsr", "gtpo")
 
 
 def w_reinforce_advantages(rewards: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
@@ -107,6 +107,18 @@ def w_reinforce_advantages(rewards: torch.Tensor, lam: float = 0.1) -> torch.Ten
         raise ValueError(f"W-REINFORCE lambda={lam} must be > 0 (the paper recommends 0.1)")
     correct = rewards.float() > CORRECT_ABOVE
     return torch.where(correct, torch.full_like(rewards, lam, dtype=torch.float32), torch.full_like(rewards, -1.0, dtype=torch.float32))
+
+
+def psr_nsr_advantages(rewards: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSR / NSR (Zhu et al. 2025, the ablations W-REINFORCE blends): (advantages, kept). PSR trains on
+    correct samples only (advantage +1), NSR on wrong ones only (-1); the other samples leave the
+    batch (the reference subsets it), so they must leave the loss and its token count: `kept`."""
+    correct = rewards.float() > CORRECT_ABOVE
+    if mode == "psr":
+        return correct.float(), correct
+    if mode == "nsr":
+        return -(~correct).float(), ~correct
+    raise ValueError(f"psr_nsr_advantages mode={mode!r}: choose psr or nsr")
 
 
 def _whiten(x: torch.Tensor, sel: torch.Tensor, group) -> torch.Tensor:

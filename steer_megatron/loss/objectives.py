@@ -8,6 +8,7 @@
   steer_cispo   them); I_clip of the `paper` form is the objective's own "no gradient" mask
   w_reinforce   PPO clip on W-REINFORCE advantages (Zhu et al. 2025, arXiv 2506.01347):
                 +lambda for a correct sample, -1 for a wrong one (algorithm.adv.estimator=w_reinforce)
+  psr, nsr      its ablations: correct samples only (+1) / wrong samples only (-1), the rest masked
   gtpo          PPO clip on GTPO's entropy-shaped token advantages (Tan et al. 2025,
                 arXiv 2508.04349; algorithm.adv.estimator=gtpo, algorithms/advantages.py)
 
@@ -106,8 +107,8 @@ def _ppo_on_estimator_advantages(inp: PolicyLossInputs, cfg: PolicyLossConfig):
 
 # The objective is the PPO clip; what makes these methods is their advantage estimator, which the
 # config ties to the loss name (config.validate_config), so `w_reinforce` never runs on GRPO advantages.
-register_policy_loss("w_reinforce")(_ppo_on_estimator_advantages)
-register_policy_loss("gtpo")(_ppo_on_estimator_advantages)
+for _name in ("w_reinforce", "psr", "nsr", "gtpo"):
+    register_policy_loss(_name)(_ppo_on_estimator_advantages)
 
 # policy loss -> the advantage estimator it needs (None: any)
-REQUIRED_ESTIMATOR = {"w_reinforce": "w_reinforce", "gtpo": "gtpo"}
+REQUIRED_ESTIMATOR = {"w_reinforce": "w_reinforce", "psr": "psr", "nsr": "nsr", "gtpo": "gtpo"}

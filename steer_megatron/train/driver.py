@@ -12,6 +12,7 @@ from rich.console import Console
 from steer_megatron.algorithms.advantages import (
     fill_with_informative_groups,
     grpo_advantages,
+    psr_nsr_advantages,
     w_reinforce_advantages,
 )
 from steer_megatron.config import RunConfig, config_to_yaml
@@ -32,14 +33,17 @@ from steer_megatron.train.run_dir import RunDir
 _PROBE_PROMPTS = 2
 
 
-def sequence_advantages(rewards: torch.Tensor, adv) -> torch.Tensor:
-    """[G, n] rewards -> [G, n] per-sequence advantages of algorithm.adv.estimator. GTPO's are per token
-    and need the old policy's entropy: the trainer fills them after the old-log-prob pass (zeros here)."""
+def sequence_advantages(rewards: torch.Tensor, adv) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[G, n] rewards -> ([G, n] per-sequence advantages of algorithm.adv.estimator, [G, n] samples kept
+    in the loss or None for all). GTPO's advantages are per token and need the old policy's entropy:
+    the trainer fills them after the old-log-prob pass (zeros here)."""
     if adv.estimator == "w_reinforce":
-        return w_reinforce_advantages(rewards, adv.w_reinforce_lambda)
+        return w_reinforce_advantages(rewards, adv.w_reinforce_lambda), None
+    if adv.estimator in ("psr", "nsr"):
+        return psr_nsr_advantages(rewards, adv.estimator)
     if adv.estimator == "gtpo":
-        return torch.zeros_like(rewards, dtype=torch.float32)
-    return grpo_advantages(rewards, norm_by_std=adv.norm_by_std, eps=adv.eps)
+        return torch.zeros_like(rewards, dtype=torch.float32), None
+    return grpo_advantages(rewards, norm_by_std=adv.norm_by_std, eps=adv.eps), None
 
 
 class Driver:
@@ -164,7 +168,7 @@ class Driver:
             groups, _ = generate(tr.rollout_batch_size)
             self._rollout_metrics = {}
         rewards = torch.stack([g[2] for g in groups])
-        adv = sequence_advantages(rewards, self.cfg.algorithm.adv)
+        adv, kept = sequence_advantages(rewards, self.cfg.algorithm.adv)
         prompts, samples = [], []
         for e, group_samples, _ in groups:
             for s in group_samples:
@@ -172,6 +176,8 @@ class Driver:
                 samples.append(s)
         batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id,
                                  rewards=rewards.flatten().tolist())
+        if kept is not None:  # PSR / NSR: the other samples leave the loss and its token count
+            batch.loss_mask &= kept.flatten()[:, None]
         seconds = time.perf_counter() - t0
         lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
         self._rollout_metrics.update({
