@@ -13,7 +13,7 @@ names those files import at top level:
   verl.utils.import_utils    deprecated (a pass-through decorator)
   verl.trainer.config, verl.trainer.config.algorithm, verl.workers.config, .actor, verl.protocol
                              empty config / data classes (type names for annotations and isinstance)
-  tensordict                 only when it is not installed (torch_functional imports TensorDict)
+  tensordict                 only when it is not installed, and only while torch_functional loads
 
 `verl.utils.torch_functional` is the wheel's own file (masked_mean / masked_sum / masked_whiten),
 so the reference arithmetic is all verl's. Tests call `load()` and skip with the reason when the
@@ -99,11 +99,13 @@ def _root() -> Path:
 def load() -> types.SimpleNamespace:
     """(core_algos, rollout_corr, math_dapo, ActorConfig) from the verl wheel."""
     root = _root() / "verl"
+    stub_tensordict = False
     if "tensordict" not in sys.modules:
         try:
             import tensordict  # noqa: F401
         except ImportError:
             _module("tensordict", TensorDict=type("TensorDict", (), {}))
+            stub_tensordict = True
     import torch
 
     _module("verl")
@@ -120,6 +122,8 @@ def load() -> types.SimpleNamespace:
     _module("verl.protocol", DataProto=_DataProto)
     _module("verl.trainer.ppo")
     verl_f = _load_file("verl.utils.torch_functional", root / "utils" / "torch_functional.py")
+    if stub_tensordict:  # only torch_functional needed the name; other libraries must not see a fake package
+        del sys.modules["tensordict"]
     sys.modules["verl.utils"].torch_functional = verl_f
     core = _load_file("verl.trainer.ppo.core_algos", root / "trainer" / "ppo" / "core_algos.py")
     corr = _load_file("verl.trainer.ppo.rollout_corr_helper", root / "trainer" / "ppo" / "rollout_corr_helper.py")

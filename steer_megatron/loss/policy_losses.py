@@ -1,8 +1,8 @@
 """Policy losses keyed by name: STEER, GRPO (PPO clip) and the paper's per-token baselines.
 
 Each registered loss maps per-token inputs to a per-token loss matrix plus metrics;
-`get_policy_loss(name)` wraps it with the shared steps (truncated importance sampling,
-aggregation, KL to a reference) and returns a callable giving (loss, metrics). Metrics are
+`get_policy_loss(name)` wraps it with the shared steps (rollout correction: TIS / IcePop /
+masked IS, aggregation, KL to a reference) and returns a callable giving (loss, metrics). Metrics are
 detached 0-dim tensors, so nothing in here forces a host sync; log them once per step.
 """
 from __future__ import annotations
