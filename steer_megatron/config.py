@@ -424,21 +424,21 @@ def validate_config(
     return dp
 
 
-def _check_objective(cfg: RunConfig, world_size: int | None) -> None:
-    """Policy loss, advantage estimator, rollout correction and reward routes fit together."""
-    from steer_megatron.loss import policy_loss_names
-    from steer_megatron.loss.objectives import REQUIRED_ESTIMATOR
+# advantage estimator -> the policy loss that is the PPO clip on it (loss/objectives.py registers them)
+ESTIMATOR_POLICY_LOSS = {"w_reinforce": "w_reinforce", "psr": "psr", "nsr": "nsr", "gtpo": "gtpo"}
 
+
+def _check_objective(cfg: RunConfig, world_size: int | None) -> None:
+    """Policy loss, advantage estimator, rollout correction and reward routes fit together (torch-free:
+    an unknown loss name fails when the actor starts, where the registry is loaded)."""
     alg = cfg.algorithm
-    if alg.policy_loss not in policy_loss_names():
-        raise ConfigError(f"algorithm.policy_loss={alg.policy_loss!r}: must be one of {policy_loss_names()}")
-    need = REQUIRED_ESTIMATOR.get(alg.policy_loss)
+    need = {v: k for k, v in ESTIMATOR_POLICY_LOSS.items()}.get(alg.policy_loss)
     if need and alg.adv.estimator != need:
         raise ConfigError(f"algorithm.policy_loss={alg.policy_loss} is the PPO clip on {need} advantages: set "
                           f"algorithm.adv.estimator={need} (got {alg.adv.estimator!r})")
-    if alg.adv.estimator in REQUIRED_ESTIMATOR.values() and REQUIRED_ESTIMATOR.get(alg.policy_loss) != alg.adv.estimator:
+    if alg.adv.estimator in ESTIMATOR_POLICY_LOSS and alg.policy_loss != ESTIMATOR_POLICY_LOSS[alg.adv.estimator]:
         raise ConfigError(f"algorithm.adv.estimator={alg.adv.estimator} goes with algorithm.policy_loss="
-                          f"{alg.adv.estimator} (got {alg.policy_loss!r})")
+                          f"{ESTIMATOR_POLICY_LOSS[alg.adv.estimator]} (got {alg.policy_loss!r})")
     if alg.adv.estimator == "w_reinforce" and not alg.adv.w_reinforce_lambda > 0:
         raise ConfigError(f"algorithm.adv.w_reinforce_lambda={alg.adv.w_reinforce_lambda}: must be > 0 (paper: 0.1)")
     if alg.adv.estimator == "gtpo":

@@ -107,8 +107,5 @@ def _ppo_on_estimator_advantages(inp: PolicyLossInputs, cfg: PolicyLossConfig):
 
 # The objective is the PPO clip; what makes these methods is their advantage estimator, which the
 # config ties to the loss name (config.validate_config), so `w_reinforce` never runs on GRPO advantages.
-for _name in ("w_reinforce", "psr", "nsr", "gtpo"):
+for _name in ("w_reinforce", "psr", "nsr", "gtpo"):  # config.ESTIMATOR_POLICY_LOSS pairs them with their estimators
     register_policy_loss(_name)(_ppo_on_estimator_advantages)
-
-# policy loss -> the advantage estimator it needs (None: any)
-REQUIRED_ESTIMATOR = {"w_reinforce": "w_reinforce", "psr": "psr", "nsr": "nsr", "gtpo": "gtpo"}
