@@ -104,9 +104,22 @@ class SteerConfig:
 
 @dataclass
 class AdvantageConfig:
-    estimator: str = "grpo"
+    estimator: str = "grpo"  # grpo | w_reinforce | psr | nsr | gtpo (algorithms/advantages.py)
     norm_by_std: bool = True
     eps: float = 1e-6
+    w_reinforce_lambda: float = 0.1  # W-REINFORCE: advantage of a correct sample (wrong: -1); the paper's 0.1
+    gtpo_alpha1: float = 1.0  # GTPO: base reward weight (the paper's experiments: 1.0)
+    gtpo_alpha2: float = 0.1  # GTPO: entropy-shaped share (0.1)
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Correct the loss for pi_old / pi_rollout (loss/rollout_correction.py). tis_cap = mode truncate, level token."""
+
+    mode: str = "none"  # none | truncate (TIS) | icepop | mask (masked IS: out-of-band tokens/sequences dropped)
+    level: str = "token"  # token | sequence (product of token ratios) | geometric (their geometric mean)
+    upper: float = 2.0
+    lower: Optional[float] = None  # icepop / mask band low end; null = 1 / upper
 
 
 @dataclass
@@ -147,6 +160,7 @@ class AlgorithmConfig:
     entropy_coeff: float = 0.0  # adds -coef * H (with gradient) to every policy loss, as released
     kl_coef: float = 0.0
     tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine's log-probs
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     kl_cov: KlCovConfig = field(default_factory=KlCovConfig)
     clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
@@ -198,6 +212,9 @@ class RewardConfig:
     timeout_s: float = 5.0  # hard limit per sandboxed reward call
     num_workers: int = 4
     code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
+    # data_source glob -> reward name, consulted before the built-in routes (rewards/registry.py),
+    # e.g. {math_dapo: dapo_strict_box} scores DAPO-Math as the STEER release does
+    routes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -379,7 +396,9 @@ _CHOICES = {
     "algorithm.steer.mapping": ("exp", "linear"),
     "algorithm.steer.group": ("micro_batch", "dp", "mini_batch"),
     "algorithm.token_mean_over": ("mini_batch", "micro_batch"),
-    "algorithm.adv.estimator": ("grpo",),
+    "algorithm.adv.estimator": ("grpo", "w_reinforce", "psr", "nsr", "gtpo"),
+    "algorithm.rollout_correction.mode": ("none", "truncate", "icepop", "mask"),
+    "algorithm.rollout_correction.level": ("token", "sequence", "geometric"),
     "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "algorithm.loss_kernel": ("auto", "torch", "triton"),
     "optim.schedule": ("constant", "linear", "cosine"),
@@ -440,6 +459,7 @@ def validate_config(
         raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min}: the exp mapping needs w_min < 1")
     if alg.tis_cap is not None and alg.tis_cap <= 0:
         raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 or null")
+    _check_objective(cfg, world_size)
     if ro.n < 2 and alg.adv.estimator == "grpo":
         raise ConfigError(f"rollout.n={ro.n}: GRPO needs at least 2 samples per prompt to form a group")
     if tr.rollout_batch_size % tr.mini_batch_size:
@@ -488,6 +508,51 @@ def validate_config(
     if check_paths:
         _check_paths(cfg)
     return dp
+
+
+# advantage estimator -> the policy loss that is the PPO clip on it (loss/objectives.py registers them)
+ESTIMATOR_POLICY_LOSS = {"w_reinforce": "w_reinforce", "psr": "psr", "nsr": "nsr", "gtpo": "gtpo"}
+
+
+def _check_objective(cfg: RunConfig, world_size: int | None) -> None:
+    """Policy loss, advantage estimator, rollout correction and reward routes fit together (torch-free:
+    an unknown loss name fails when the actor starts, where the registry is loaded)."""
+    alg = cfg.algorithm
+    need = {v: k for k, v in ESTIMATOR_POLICY_LOSS.items()}.get(alg.policy_loss)
+    if need and alg.adv.estimator != need:
+        raise ConfigError(f"algorithm.policy_loss={alg.policy_loss} is the PPO clip on {need} advantages: set "
+                          f"algorithm.adv.estimator={need} (got {alg.adv.estimator!r})")
+    if alg.adv.estimator in ESTIMATOR_POLICY_LOSS and alg.policy_loss != ESTIMATOR_POLICY_LOSS[alg.adv.estimator]:
+        raise ConfigError(f"algorithm.adv.estimator={alg.adv.estimator} goes with algorithm.policy_loss="
+                          f"{ESTIMATOR_POLICY_LOSS[alg.adv.estimator]} (got {alg.policy_loss!r})")
+    if alg.adv.estimator == "w_reinforce" and not alg.adv.w_reinforce_lambda > 0:
+        raise ConfigError(f"algorithm.adv.w_reinforce_lambda={alg.adv.w_reinforce_lambda}: must be > 0 (paper: 0.1)")
+    if alg.adv.estimator == "gtpo":
+        if cfg.diagnostics.probe_every:
+            raise ConfigError("algorithm.adv.estimator=gtpo fills its token advantages inside the step; the entropy "
+                              "probe replays a held batch without them: set diagnostics.probe_every=0")
+        if alg.dynamic_sampling.enabled:
+            raise ConfigError("algorithm.adv.estimator=gtpo shapes rewards over whole prompt groups on each rank; "
+                              "dynamic sampling can leave split groups: set algorithm.dynamic_sampling.enabled=false")
+        if world_size is not None:
+            dp = world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
+            if dp and cfg.trainer.rollout_batch_size % dp:
+                raise ConfigError(f"algorithm.adv.estimator=gtpo needs whole prompt groups on every data-parallel rank: "
+                                  f"trainer.rollout_batch_size={cfg.trainer.rollout_batch_size} must be a multiple of {dp}")
+    rc = alg.rollout_correction
+    if rc.mode != "none" and alg.tis_cap is not None:
+        raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} and algorithm.rollout_correction.mode={rc.mode} both correct "
+                          f"for the rollout policy: keep one (tis_cap is mode=truncate, level=token)")
+    if not rc.upper > 0 or (rc.lower is not None and not 0 < rc.lower <= rc.upper):
+        raise ConfigError(f"algorithm.rollout_correction lower={rc.lower}, upper={rc.upper}: need 0 < lower <= upper")
+    if cfg.reward.routes:
+        from steer_megatron.rewards.registry import reward_by_name
+
+        for pattern, name in cfg.reward.routes.items():
+            try:
+                reward_by_name(name)
+            except KeyError as exc:
+                raise ConfigError(f"reward.routes.{pattern}={name!r}: {exc.args[0]}") from None
 
 
 def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:

@@ -90,3 +90,78 @@ def fill_with_informative_groups(
     else:
         msg = f"dynamic sampling: {target} groups in {rounds} round(s), {dropped} all-equal groups dropped"
     return DynamicSamplingResult(kept[:target], rounds, informative, dropped, gave_up, msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Other estimators. A sample is correct when its reward exceeds CORRECT_ABOVE (1/0 and +1/-1
+# rewards alike), the same split as the rollout accuracy metric.
+
+CORRECT_ABOVE = 0.5
+ESTIMATORS = ("grpo", "w_reinforce", "psr", "nsr", "gtpo")
+
+
+def w_reinforce_advantages(rewards: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    """W-REINFORCE (Zhu et al. 2025, arXiv 2506.01347; TianHongZXY/RLVR-Decomposed): lambda * PSR + NSR,
+    i.e. advantage +lambda for a correct sample and -1 for a wrong one; no group baseline, no std."""
+    if not lam > 0:
+        raise ValueError(f"W-REINFORCE lambda={lam} must be > 0 (the paper recommends 0.1)")
+    correct = rewards.float() > CORRECT_ABOVE
+    return torch.where(correct, torch.full_like(rewards, lam, dtype=torch.float32), torch.full_like(rewards, -1.0, dtype=torch.float32))
+
+
+def psr_nsr_advantages(rewards: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSR / NSR (Zhu et al. 2025, the ablations W-REINFORCE blends): (advantages, kept). PSR trains on
+    correct samples only (advantage +1), NSR on wrong ones only (-1); the other samples leave the
+    batch (the reference subsets it), so they must leave the loss and its token count: `kept`."""
+    correct = rewards.float() > CORRECT_ABOVE
+    if mode == "psr":
+        return correct.float(), correct
+    if mode == "nsr":
+        return -(~correct).float(), ~correct
+    raise ValueError(f"psr_nsr_advantages mode={mode!r}: choose psr or nsr")
+
+
+def _whiten(x: torch.Tensor, sel: torch.Tensor, group) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the selected entries (unbiased var, as verl's masked_whiten),
+    over the whole data-parallel group when one is given; 0 off the selection."""
+    import torch.distributed as dist
+
+    s = sel.to(torch.float64)
+    xd = x.to(torch.float64) * s
+    stats = torch.stack([s.sum(), xd.sum(), (xd * xd).sum()])
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    n, total, sq = stats
+    mean = total / n.clamp(min=1)
+    var = (sq - n * mean * mean) / (n - 1).clamp(min=1)
+    return torch.where(sel, (x.to(torch.float64) - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8), torch.zeros_like(xd)).to(x.dtype)
+
+
+def gtpo_token_advantages(
+    rewards: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, group_size: int, *,
+    alpha1: float = 1.0, alpha2: float = 0.1, eps: float = 1e-6, dp_group=None,
+) -> torch.Tensor:
+    """GTPO (Tan et al. 2025, arXiv 2508.04349, eqs. 3, 5, 6): entropy-shaped token rewards, whitened.
+
+    rewards [B] per sequence, entropy / mask [B, T] (the old policy's entropy), rows in groups of
+    `group_size` consecutive sequences of one prompt. At each position t of a group:
+      correct  i: alpha1 + alpha2 * H_it / (sum over correct k active at t of H_kt + eps) * d_t
+      wrong    j: -alpha1 - alpha2 * (1 / (H_jt + eps)) / (sum over wrong k of 1 / (H_kt + eps) + eps) * h_t
+    (d_t, h_t: correct / wrong sequences still generating at t). Then correct and wrong tokens are
+    whitened separately over the batch (all data-parallel ranks when dp_group is given)."""
+    b, t = entropy.shape
+    if b % group_size:
+        raise ValueError(f"GTPO needs whole prompt groups: {b} sequences on this rank is not a multiple of "
+                         f"rollout.n={group_size}; make trainer.rollout_batch_size a multiple of the data-parallel size")
+    m = mask.bool().view(-1, group_size, t)
+    h = entropy.detach().double().view(-1, group_size, t)
+    ok = (rewards.double() > CORRECT_ABOVE).view(-1, group_size, 1)
+    pos, neg = m & ok, m & ~ok
+    d_t, h_t = pos.sum(1, keepdim=True), neg.sum(1, keepdim=True)
+    hp = torch.where(pos, h, torch.zeros_like(h))
+    shaped_pos = alpha1 + alpha2 * h / (hp.sum(1, keepdim=True) + eps) * d_t
+    inv = torch.where(neg, 1.0 / (h + eps), torch.zeros_like(h))
+    shaped_neg = -alpha1 - alpha2 * inv / (inv.sum(1, keepdim=True) + eps) * h_t
+    shaped = torch.where(pos, shaped_pos, torch.where(neg, shaped_neg, torch.zeros_like(h))).view(b, t)
+    pos, neg = pos.view(b, t), neg.view(b, t)
+    return (_whiten(shaped, pos, dp_group) + _whiten(shaped, neg, dp_group)).to(torch.float32)

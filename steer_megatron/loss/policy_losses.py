@@ -1,8 +1,8 @@
 """Policy losses keyed by name: STEER, GRPO (PPO clip) and the paper's per-token baselines.
 
 Each registered loss maps per-token inputs to a per-token loss matrix plus metrics;
-`get_policy_loss(name)` wraps it with the shared steps (truncated importance sampling,
-aggregation, KL to a reference) and returns a callable giving (loss, metrics). Metrics are
+`get_policy_loss(name)` wraps it with the shared steps (rollout correction: TIS / IcePop /
+masked IS, aggregation, KL to a reference) and returns a callable giving (loss, metrics). Metrics are
 detached 0-dim tensors, so nothing in here forces a host sync; log them once per step.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from steer_megatron.loss.aggregation import AGG_MODES, aggregate
+from steer_megatron.loss.rollout_correction import RolloutCorrection, correction
 from steer_megatron.loss.steer import SteerConfig, omega, weights_from_omega
 
 _LOG_RATIO_CAP = 20.0  # exp(20) already saturates every clip; keeps inf out of the graph
@@ -43,6 +44,8 @@ class PolicyLossConfig:
     entropy_adv_alpha: float = 0.4  # `entropy_adv` (Cheng et al. 2025)
     entropy_adv_kappa: float = 2.0
     tis_cap: float | None = None  # truncated importance sampling vs rollout log-probs
+    # TIS / IcePop / masked IS vs rollout log-probs (loss.rollout_correction); tis_cap is its token-truncate case
+    rollout_correction: RolloutCorrection = field(default_factory=RolloutCorrection)
     prob_threshold: float = 0.5  # high/low-probability split for the quadrant counts
     seed: int = 0  # the run seed: clip_cov's random token choice draws from (seed, PolicyLossInputs.draw_key)
 
@@ -64,6 +67,18 @@ class PolicyLossConfig:
             raise ValueError(f"tis_cap={self.tis_cap} must be > 0 (or None to disable)")
         if isinstance(self.steer, dict):  # convenience for configs built from plain dicts
             object.__setattr__(self, "steer", SteerConfig(**self.steer))
+        if isinstance(self.rollout_correction, dict):
+            object.__setattr__(self, "rollout_correction", RolloutCorrection(**self.rollout_correction))
+        if self.tis_cap is not None and self.rollout_correction.mode != "none":
+            raise ValueError(f"tis_cap={self.tis_cap} and rollout_correction.mode={self.rollout_correction.mode!r} both "
+                             f"correct for the rollout policy: use one (tis_cap = mode 'truncate', level 'token')")
+
+    @property
+    def correction(self) -> RolloutCorrection:
+        """The rollout correction in force (tis_cap spelled as token-level truncation)."""
+        if self.tis_cap is not None:
+            return RolloutCorrection(mode="truncate", level="token", upper=self.tis_cap)
+        return self.rollout_correction
 
 
 @dataclass
@@ -298,14 +313,19 @@ def get_policy_loss(name: str):
     def policy_loss(inp: PolicyLossInputs, cfg: PolicyLossConfig | None = None):
         cfg = cfg or PolicyLossConfig()
         _check_shapes(inp)
-        loss_mat, metrics = per_token(inp, cfg)
-        if cfg.tis_cap is not None:
+        rc = cfg.correction
+        weights = None
+        if rc.mode != "none":
             if inp.rollout_log_prob is None:
-                raise ValueError("tis_cap is set but rollout_log_prob (the rollout engine's log-probs) is missing")
-            tis = torch.exp((inp.old_log_prob - inp.rollout_log_prob).clamp(-_LOG_RATIO_CAP, _LOG_RATIO_CAP))
-            tis = tis.clamp(max=cfg.tis_cap).detach()
-            loss_mat = loss_mat * tis
-            metrics["tis_weight_mean"] = masked_mean(tis, inp.mask.bool())
+                raise ValueError(f"rollout correction ({'tis_cap' if cfg.tis_cap is not None else rc.mode}) needs "
+                                 f"rollout_log_prob (the rollout engine's log-probs)")
+            weights, keep = correction(inp.old_log_prob, inp.rollout_log_prob, inp.mask, rc)
+            if keep is not None:  # masked IS: out-of-band tokens leave the loss and its token count
+                inp = replace(inp, mask=keep)
+        loss_mat, metrics = per_token(inp, cfg)
+        if weights is not None:
+            loss_mat = loss_mat * weights
+            metrics["tis_weight_mean" if cfg.tis_cap is not None else "rollout_is_weight_mean"] = masked_mean(weights, inp.mask.bool())
         agg = lambda x: aggregate(x, inp.mask, cfg.loss_agg_mode, token_normalizer=inp.token_normalizer)  # noqa: E731
         pg_loss = agg(loss_mat)
         loss = pg_loss
@@ -328,3 +348,7 @@ def get_policy_loss(name: str):
 
     policy_loss.__name__ = f"policy_loss_{name}"
     return policy_loss
+
+
+# GSPO, CISPO, their STEER-weighted forms, W-REINFORCE and GTPO register themselves here.
+import steer_megatron.loss.objectives  # noqa: E402,F401

@@ -72,9 +72,13 @@ def reward_by_name(name: str) -> RewardSpec:
         raise KeyError(f"no reward function named {name!r}; registered: {sorted(_REWARDS)}") from None
 
 
-def get_reward_fn(data_source: str, style: str | None = None) -> RewardSpec:
-    """The reward for a row: by data_source glob first, then by reward_model.style."""
+def get_reward_fn(data_source: str, style: str | None = None, routes: dict[str, str] | None = None) -> RewardSpec:
+    """The reward for a row: by `routes` (a run's reward.routes: data_source glob -> reward name) first,
+    then the registered data_source globs, then reward_model.style."""
     _ensure_builtins()
+    for pattern, name in (routes or {}).items():
+        if fnmatch.fnmatchcase(data_source, pattern):
+            return reward_by_name(name)
     for pattern, name in _SOURCES:
         if fnmatch.fnmatchcase(data_source, pattern):
             return reward_by_name(name)
@@ -99,6 +103,7 @@ def _ensure_builtins() -> None:
         return
     _builtins_loaded = True
     import steer_megatron.rewards.code_reward  # noqa: F401  (registers "code")
+    import steer_megatron.rewards.dapo  # noqa: F401  (registers "dapo_strict_box" and "dapo_answer")
     import steer_megatron.rewards.math_rules  # noqa: F401  (registers "math" and "integer")
 
     for pattern in (

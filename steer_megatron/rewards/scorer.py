@@ -114,7 +114,7 @@ class RewardScorer:
     """
 
     def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, startup_timeout_s: float = 120.0,
-                 reward_options: Mapping[str, Mapping[str, Any]] | None = None):
+                 reward_options: Mapping[str, Mapping[str, Any]] | None = None, routes: dict[str, str] | None = None):
         if timeout_s <= 0:
             raise ValueError(f"reward timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
@@ -122,6 +122,7 @@ class RewardScorer:
         self.timeout_s = timeout_s
         self.num_workers = num_workers
         self.startup_timeout_s = startup_timeout_s
+        self.routes = dict(routes or {})  # data_source glob -> reward name, before the registry's routes
         self.stats = ScorerStats()
         self._ctx = mp.get_context("spawn")  # fork after torch threads start is unsafe
         self._workers: list[_Worker] = []
@@ -141,7 +142,7 @@ class RewardScorer:
     def preflight(self, data_sources: Sequence[str], styles: Sequence[str | None] | None = None) -> list[str]:
         """Check that every reward these rows route to can run here (e.g. the code sandbox);
         raises with the fix if one cannot. Returns the reward names used."""
-        names = sorted({get_reward_fn(ds, None if styles is None else styles[i]).name for i, ds in enumerate(data_sources)})
+        names = sorted({get_reward_fn(ds, None if styles is None else styles[i], self.routes).name for i, ds in enumerate(data_sources)})
         for name in names:
             spec = self._spec(name)
             if spec.preflight is not None:
@@ -167,7 +168,7 @@ class RewardScorer:
                 f"score(): lengths differ: data_sources {len(data_sources)}, completions {n}, "
                 f"ground_truths {len(ground_truths)}, styles {None if styles is None else len(styles)}"
             )
-        specs = [get_reward_fn(ds, None if styles is None else styles[i]) for i, ds in enumerate(data_sources)]
+        specs = [get_reward_fn(ds, None if styles is None else styles[i], self.routes) for i, ds in enumerate(data_sources)]
         res = ScoreResult(scores=[0.0] * n, reward_names=[s.name for s in specs], reasons=[None] * n)
         sandboxed: list[int] = []
         for i, spec in enumerate(specs):

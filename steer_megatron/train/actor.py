@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from steer_megatron.loss.rollout_correction import keep_mask
 from steer_megatron.loss import (
     PolicyLossConfig,
     PolicyLossInputs,
@@ -45,6 +46,7 @@ class ActorBatch:
     # the old-log-prob pass's sum p^2 / sum p^2 log p: STEER exact with steer.group=mini_batch only
     old_sum_p2: torch.Tensor | None = None
     old_sum_p2_logp: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None  # each sequence's reward on its response tokens (GTPO's estimator)
 
     def __post_init__(self):
         b, length = self.input_ids.shape
@@ -346,6 +348,10 @@ class MegatronActor:
         cfg = self.cfg
         step = self._updates if step is None else step
         self._updates += 1
+        if cfg.loss.correction.drops_tokens and batch.old_log_prob is not None:
+            # masked IS drops tokens before the token count of each mini-batch is taken (the loss drops them again)
+            batch = replace(batch, loss_mask=keep_mask(batch.old_log_prob, batch.rollout_log_prob, batch.loss_mask,
+                                                       cfg.loss.correction))
         form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         sums: dict[str, float] = {}

@@ -16,6 +16,7 @@ def samples_to_batch(
     *,
     pad_id: int,
     pad_to_multiple: int = 1,
+    rewards: Sequence[float] | None = None,
 ) -> ActorBatch:
     """One row per sample: prompt + response, right-padded (megatron's RoPE ignores position
     ids, so left padding would shift every position). Position t predicts token t + 1, so the
@@ -43,4 +44,5 @@ def samples_to_batch(
         if s.output_ids:
             rollout_lp[i, start:stop] = torch.tensor(s.logprobs, dtype=torch.float32)
     adv = torch.tensor(list(advantages), dtype=torch.float32)[:, None] * mask.float()
-    return ActorBatch(input_ids=ids, loss_mask=mask, advantages=adv, rollout_log_prob=rollout_lp)
+    rew = None if rewards is None else torch.tensor(list(rewards), dtype=torch.float32)[:, None] * mask.float()
+    return ActorBatch(input_ids=ids, loss_mask=mask, advantages=adv, rollout_log_prob=rollout_lp, rewards=rew)

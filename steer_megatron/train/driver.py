@@ -11,7 +11,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from steer_megatron.algorithms.advantages import fill_with_informative_groups, grpo_advantages
+from steer_megatron.algorithms.advantages import (
+    fill_with_informative_groups,
+    grpo_advantages,
+    psr_nsr_advantages,
+    w_reinforce_advantages,
+)
 from steer_megatron.config import RunConfig, config_to_yaml
 from steer_megatron.data.rl_dataset import load_rl_parquets
 from steer_megatron.data.sampler import ResumableSampler
@@ -29,6 +34,19 @@ from steer_megatron.train.batch import samples_to_batch
 from steer_megatron.train.run_dir import RunDir
 
 _PROBE_PROMPTS = 2
+
+
+def sequence_advantages(rewards: torch.Tensor, adv) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[G, n] rewards -> ([G, n] per-sequence advantages of algorithm.adv.estimator, [G, n] samples kept
+    in the loss or None for all). GTPO's advantages are per token and need the old policy's entropy:
+    the trainer fills them after the old-log-prob pass (zeros here)."""
+    if adv.estimator == "w_reinforce":
+        return w_reinforce_advantages(rewards, adv.w_reinforce_lambda), None
+    if adv.estimator in ("psr", "nsr"):
+        return psr_nsr_advantages(rewards, adv.estimator)
+    if adv.estimator == "gtpo":
+        return torch.zeros_like(rewards, dtype=torch.float32), None
+    return grpo_advantages(rewards, norm_by_std=adv.norm_by_std, eps=adv.eps), None
 
 
 class Driver:
@@ -61,7 +79,8 @@ class Driver:
         self.probe_prompts = [e.prompt_ids for e in examples[:_PROBE_PROMPTS]]
         self.eval_sets = self._load_eval_sets()
         self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
-                                   reward_options={"code": dataclasses.asdict(cfg.reward.code)})
+                                   reward_options={"code": dataclasses.asdict(cfg.reward.code)},
+                                   routes=dict(cfg.reward.routes))
         rows = examples + [x for v in self.eval_sets.values() for x in v]  # fail now if a reward cannot run here
         self.scorer.preflight([x.data_source for x in rows], [x.reward_style for x in rows])
         self.fleet = Fleet(self._fleet_config()).start()
@@ -173,13 +192,16 @@ class Driver:
             groups, _ = generate(tr.rollout_batch_size)
             self._rollout_metrics = {}
         rewards = torch.stack([g[2] for g in groups])
-        adv = grpo_advantages(rewards, norm_by_std=self.cfg.algorithm.adv.norm_by_std, eps=self.cfg.algorithm.adv.eps)
+        adv, kept = sequence_advantages(rewards, self.cfg.algorithm.adv)
         prompts, samples = [], []
         for e, group_samples, _ in groups:
             for s in group_samples:
                 prompts.append(e.prompt_ids)
                 samples.append(s)
-        batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id)
+        batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id,
+                                 rewards=rewards.flatten().tolist())
+        if kept is not None:  # PSR / NSR: the other samples leave the loss and its token count
+            batch.loss_mask &= kept.flatten()[:, None]
         seconds = time.perf_counter() - t0
         lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
         self._rollout_metrics.update({

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from steer_megatron.config import RunConfig, config_to_dict, validate_config
+from steer_megatron.algorithms.advantages import gtpo_token_advantages
 from steer_megatron.diagnostics.hook import DiagnosticsHook
+from steer_megatron.loss.rollout_correction import mismatch_metrics
 from steer_megatron.models.checkpoint import find_latest, load_checkpoint, read_meta, save_checkpoint
 from steer_megatron.models.hf_config import build_gpt_model, parse_hf_config
 from steer_megatron.models.hf_export import export_hf_checkpoint
@@ -95,6 +97,11 @@ def train(cfg: RunConfig) -> Path:
             actor.old_pass(local)  # old_log_prob, old_entropy (and what STEER's group needs)
             if reference:
                 local.ref_log_prob = reference.log_probs(local)
+            if cfg.algorithm.adv.estimator == "gtpo" and local.old_entropy is not None:
+                a = cfg.algorithm.adv  # GTPO shapes rewards with the old policy's entropy (algorithms/advantages.py)
+                local.advantages = gtpo_token_advantages(local.rewards.sum(-1) / local.loss_mask.sum(-1).clamp(min=1), local.old_entropy, local.loss_mask,
+                                                         cfg.rollout.n, alpha1=a.gtpo_alpha1, alpha2=a.gtpo_alpha2,
+                                                         dp_group=ps.get_data_parallel_group() if dp > 1 else None)
             timing["timing/old_logprob_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             if diag:
@@ -104,6 +111,7 @@ def train(cfg: RunConfig) -> Path:
             if on_last_stage:
                 gap = (local.old_log_prob - local.rollout_log_prob).abs()[local.loss_mask]
                 train_metrics["rollout_train_logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
+                train_metrics.update(mismatch_metrics(local.old_log_prob, local.rollout_log_prob, local.loss_mask))
             timing["timing/update_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             diag_metrics = diag.after_update(step, actor, batch, local) if diag else {}

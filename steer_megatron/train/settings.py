@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from steer_megatron.config import RunConfig
 from steer_megatron.loss import PolicyLossConfig, SteerConfig
+from steer_megatron.loss.rollout_correction import RolloutCorrection
 from steer_megatron.models.hf_export import DTYPES
 from steer_megatron.train.optim import OptimSettings
 
@@ -26,6 +27,8 @@ def policy_loss_config(cfg: RunConfig) -> PolicyLossConfig:
     return PolicyLossConfig(
         clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c, loss_agg_mode=a.loss_agg_mode,
         kl_coef=a.kl_coef, tis_cap=a.tis_cap, seed=cfg.trainer.seed,
+        rollout_correction=RolloutCorrection(mode=a.rollout_correction.mode, level=a.rollout_correction.level,
+                                             upper=a.rollout_correction.upper, lower=a.rollout_correction.lower),
         steer=SteerConfig(form=a.steer.form, mapping=a.steer.mapping, w_min=a.steer.w_min, w_max=a.steer.w_max,
                           group=a.steer.group, omega_floor=a.steer.omega_floor),
         entropy_coeff=a.entropy_coeff,
