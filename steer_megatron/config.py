@@ -559,6 +559,9 @@ def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
     d, tr, n = cfg.diagnostics, cfg.trainer, cfg.rollout.n
     if d.probe_every < 0:
         raise ConfigError(f"diagnostics.probe_every={d.probe_every}: must be >= 0 (0 = no probe)")
+    if d.probe_every and cfg.algorithm.kl_coef > 0:
+        raise ConfigError(f"diagnostics.probe_every={d.probe_every} with algorithm.kl_coef={cfg.algorithm.kl_coef}: the "
+                          "probe's held batch has no reference log-probs for the KL term yet; set one of them to 0")
     if not 0 <= d.probe_prompts <= tr.rollout_batch_size:
         raise ConfigError(f"diagnostics.probe_prompts={d.probe_prompts}: must be in [0, trainer.rollout_batch_size="
                           f"{tr.rollout_batch_size}] (0 = the whole first rollout batch)")

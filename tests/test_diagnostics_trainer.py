@@ -164,6 +164,7 @@ def test_trim_and_probe_give_the_same_numbers_on_two_pipeline_stages(trim_runs):
     (["diagnostics.closed_loop.trims=2"], r"trims=2 trims steps against the closed loop's band: set .*enabled=true"),
     (["diagnostics.closed_loop.enabled=true", "diagnostics.closed_loop.min_step_scale=0"], r"0 < min_step_scale <= 1"),
     (["diagnostics.probe_every=-1"], "diagnostics.probe_every=-1"),
+    (["diagnostics.probe_every=2", "algorithm.kl_coef=0.1"], r"probe_every=2 with algorithm.kl_coef=0.1: .* set one of them to 0"),
     (["diagnostics.probe_prompts=999"], "diagnostics.probe_prompts=999"),
 ])
 def test_config_errors_name_the_key(overrides, match):

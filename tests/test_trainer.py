@@ -21,6 +21,8 @@ SMALL = [  # a tiny, quick version of the CPU demo
 ]
 NONDETERMINISTIC = ("time", "timing/", "rollout/tokens_per_s", "sync/seconds")
 GAP = "actor/rollout_train_logprob_gap"
+# computed from the rollout engine's log-probs, which carry the CPU server's float noise
+ROLLOUT_LOGPROB_METRICS = ("actor/mismatch_kl", "actor/mismatch_k3", "actor/ppl_rollout", "actor/log_ppl_diff")
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +78,15 @@ def _comparable(rows):
 
 def assert_same_metrics(got_rows, want_rows):
     """Step for step: identical samples, rewards, losses and weights. Only the rollout-vs-trainer
-    log-prob gap carries the CPU server's float noise (its batches form differently run to run,
-    ~1e-8 on a gap of ~2e-7): both runs must keep it at fp32 noise, not equal to the bit."""
+    log-prob gap, and the mismatch metrics made from the same rollout log-probs, carry the CPU
+    server's float noise (its batches form differently run to run, ~1e-8 on a gap of ~2e-7): both
+    runs must keep them at fp32 noise, not equal to the bit."""
     got_rows, want_rows = _comparable(got_rows), _comparable(want_rows)
     assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows]
     for got, want in zip(got_rows, want_rows):
         assert got.pop(GAP, 0.0) < 1e-5 and want.pop(GAP, 0.0) < 1e-5
+        for key in ROLLOUT_LOGPROB_METRICS:  # each within the same fp32-noise bound as the gap
+            assert got.pop(key, 0.0) == pytest.approx(want.pop(key, 0.0), abs=1e-5), key
         assert got == pytest.approx(want, rel=0, abs=1e-8)
 
 
