@@ -80,14 +80,29 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def cached(out_dir: str | os.PathLike, sha: str) -> bool:
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def cached(out_dir: str | os.PathLike, gguf_path: Path, force_hash: bool = False) -> str | None:
+    """The GGUF's sha256 when out_dir was prepared from these bytes, else None. The hash is
+    recomputed only when the file's size or mtime changed since (or with force_hash)."""
     marker = Path(out_dir) / MARKER
     if not marker.is_file():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text()).get("gguf_sha256") == sha
+        meta = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    if not force_hash and meta.get("gguf_stamp") == _stamp(gguf_path):
+        return meta.get("gguf_sha256")
+    sha = file_sha256(gguf_path)
+    if meta.get("gguf_sha256") != sha:
+        return None
+    meta["gguf_stamp"] = _stamp(gguf_path)  # same bytes, new mtime (a reinstall): skip the hash next time
+    marker.write_text(json.dumps(meta, indent=2))
+    return sha
 
 
 def gguf_to_hf(
@@ -105,9 +120,9 @@ def gguf_to_hf(
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     info = read_gguf_info(gguf_path)
     check_gguf(info, gguf_path, chat_template, allow_no_chat_template)
-    sha = file_sha256(gguf_path)
-    if not force and cached(out, sha):
+    if not force and cached(out, gguf_path):
         return out
+    sha = file_sha256(gguf_path)
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -136,7 +151,7 @@ def gguf_to_hf(
     tok.save_pretrained(tmp)
     parse_hf_config(tmp)  # the converter accepts what we wrote (fails here, naming the field, if not)
     (tmp / MARKER).write_text(json.dumps({
-        "gguf": str(gguf_path.resolve()), "gguf_sha256": sha, "architecture": info.architecture,
+        "gguf": str(gguf_path.resolve()), "gguf_sha256": sha, "gguf_stamp": _stamp(gguf_path), "architecture": info.architecture,
         "gguf_name": info.name, "chat_template": "given" if chat_template is not None else
         ("gguf" if info.chat_template else "none"), "seconds": round(time.perf_counter() - t0, 1),
     }, indent=2))
