@@ -71,9 +71,9 @@ class RolloutConfig:
     router_url: Optional[str] = None  # a pre-started sglang-router (e.g. on a Slurm rollout node)
     use_router: bool = True
     concurrency: int = 32  # most /generate requests in flight from the trainer's client
-    # weight-sync parity probe: largest |trainer - engine| log-prob allowed after an update
-    # (fp32 on CPU agrees to ~1e-6; bf16 GPU engines need a looser bound)
-    parity_atol: float = 1e-5
+    # weight-sync parity probe: largest |trainer - engine| log-prob allowed after an update;
+    # null = derived from the dtype, depth and width (rollout.weight_sync.parity_tolerance)
+    parity_atol: Optional[float] = None
 
 
 @dataclass
@@ -316,7 +316,7 @@ _CHOICES = {
 }
 _POSITIVE = (
     "parallel.tp", "parallel.pp", "parallel.cp", "data.max_prompt_len", "data.max_response_len",
-    "rollout.n", "rollout.max_new_tokens", "rollout.num_servers", "rollout.concurrency", "rollout.parity_atol",
+    "rollout.n", "rollout.max_new_tokens", "rollout.num_servers", "rollout.concurrency",
     "trainer.total_steps", "trainer.rollout_batch_size", "trainer.mini_batch_size", "trainer.micro_batch_size",
     "trainer.ppo_epochs", "eval.n", "eval.max_new_tokens", "reward.num_workers", "optim.lr", "reward.timeout_s",
     "algorithm.dynamic_sampling.max_rounds", "demo.n_train", "demo.n_test", "demo.hidden_size", "demo.num_layers",
@@ -348,6 +348,8 @@ def validate_config(
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
     alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
+    if ro.parity_atol is not None and not ro.parity_atol > 0:
+        raise ConfigError(f"rollout.parity_atol={ro.parity_atol!r}: must be > 0, or null to derive it from the model")
     if not 0 < alg.clip_low < 1 or alg.clip_high <= 0:
         raise ConfigError(f"algorithm.clip_low={alg.clip_low} must be in (0, 1) and clip_high={alg.clip_high} > 0")
     if alg.dual_clip_c <= 1:

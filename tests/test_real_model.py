@@ -84,28 +84,40 @@ def _generate_reference(model, prompt: list[int], n: int) -> tuple[list[int], to
     return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits, dim=1)[0].float()
 
 
-def test_roundtrip_bitwise_export_loads_and_greedy_rollout_matches(real, tmp_path):
+@pytest.fixture(scope="module")
+def export(real, tmp_path_factory):
+    """HF -> dist checkpoint prepared for TP=3 -> HF (the streaming converters), timed."""
+    root = tmp_path_factory.mktemp("roundtrip")
+    out = str(root / "export")
+    timing = spawn_ranks(stream_roundtrip, 1, real["dir"], str(root / "ckpt"), out, 3)[0]
+    print(f"\nHF -> Megatron (tp=3) {timing['to_megatron_s']:.1f} s, back {timing['to_hf_s']:.1f} s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fleet(export, tmp_path_factory):
+    from steer_megatron.parallel import free_port_block
+    from steer_megatron.rollout import Fleet, FleetConfig
+
+    cfg = FleetConfig(model_path=export, num_workers=1, engine="cpu", base_port=free_port_block(1), use_router=False,
+                      cpu_threads=2, log_dir=str(tmp_path_factory.mktemp("logs")), startup_timeout_s=600)
+    with Fleet(cfg) as f:
+        yield f
+
+
+def test_roundtrip_bitwise_export_loads_and_greedy_rollout_matches(real, export, fleet):
     from transformers import AutoModelForCausalLM
 
-    from steer_megatron.parallel import free_port_block
-    from steer_megatron.rollout import Fleet, FleetConfig, http
+    from steer_megatron.rollout import http
 
-    export = str(tmp_path / "export")
-    timing = spawn_ranks(stream_roundtrip, 1, real["dir"], str(tmp_path / "ckpt"), export, 3)[0]
     assert_bitwise_equal(real["dir"], export)
-    print(f"\nHF -> Megatron (tp=3) {timing['to_megatron_s']:.1f} s, back {timing['to_hf_s']:.1f} s")
-
     n_new = 16
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     refs = [_generate_reference(model, p, n_new) for p in real["prompts"]]
-    base = free_port_block(1)
-    cfg = FleetConfig(model_path=export, num_workers=1, engine="cpu", base_port=base, use_router=False,
-                      cpu_threads=2, log_dir=str(tmp_path / "logs"), startup_timeout_s=300)
-    with Fleet(cfg) as fleet:
-        answer = http.call("POST", f"{fleet.live_urls[0]}/generate", {
-            "input_ids": real["prompts"], "return_logprob": True,
-            "sampling_params": {"temperature": 0.0, "max_new_tokens": n_new, "ignore_eos": True},
-        }, timeout=300)
+    answer = http.call("POST", f"{fleet.live_urls[0]}/generate", {
+        "input_ids": real["prompts"], "return_logprob": True,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": n_new, "ignore_eos": True},
+    }, timeout=300)
     compared = 0
     for row, (item, (ref_ids, ref_logits)) in enumerate(zip(answer, refs)):
         got = item["output_ids"]
@@ -126,3 +138,50 @@ def test_roundtrip_bitwise_export_loads_and_greedy_rollout_matches(real, tmp_pat
         compared += k
         print(f"row {row}: {k} of {n_new} greedy tokens equal, served vs transformers log-prob {diff:.2e}")
     assert compared >= len(refs) * n_new // 2, f"only {compared} tokens compared before near-ties"
+
+
+def _sign_step(model, prompts, lr: float) -> dict[str, torch.Tensor]:
+    """The weights after one Adam-like first step (lr * sign of the gradient of the greedy
+    completions' NLL): what the trainer holds after a real update."""
+    with torch.no_grad():
+        seqs = [(p, model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                   eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()) for p in prompts]
+    model.zero_grad()
+    for p, c in seqs:
+        logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+        (-logp[torch.arange(len(p) - 1, len(p) - 1 + len(c)), torch.tensor(c)].sum()).backward()
+    with torch.no_grad():
+        for w in model.parameters():
+            w -= lr * w.grad.sign()
+    model.zero_grad()
+    return {n: w.detach().clone() for n, w in model.named_parameters()}  # tied lm_head: once
+
+
+def test_parity_probe_tolerance_passes_a_correct_sync_and_fails_a_wrong_tensor(real, export, fleet):
+    """The derived tolerance (rollout.parity_atol=null) on a 30-layer fp32 model: a correct
+    weight sync passes, a tensor left out of the sync or two tensors swapped fail."""
+    from transformers import AutoModelForCausalLM
+
+    from steer_megatron.parallel import free_port_block
+    from steer_megatron.rollout.weight_sync import NcclWeightSync, ParityError, ParityProbe
+    from steer_megatron.rollout.weight_sync.base import parity_tolerance
+    from tests.fixtures_models import hf_logprob_scorer
+
+    atol = parity_tolerance(torch.float32, real["arch"].num_layers, real["arch"].hidden_size)
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    state = _sign_step(model, real["prompts"][:2], lr=1e-5)  # model is now the trainer after the step
+    probe = ParityProbe(tuple(tuple(p) for p in real["prompts"][:2]), hf_logprob_scorer(model.eval()), atol=atol)
+    sync = NcclWeightSync(fleet, master_address="127.0.0.1", master_port=free_port_block(2), backend="gloo",
+                          bucket_bytes=64 << 20, probe=probe, timeout_s=300)
+    report = sync.sync(list(state.items()), version=1)
+    print(f"\nparity after a correct sync: {report.parity.max_abs_diff:.2e} (tolerance {atol:.2e})")
+    assert report.parity.max_abs_diff <= atol
+
+    state = _sign_step(model, real["prompts"][:2], lr=1e-5)  # the next step, with one tensor left out:
+    stale = "model.layers.15.mlp.down_proj.weight"  # the server keeps its previous value
+    with pytest.raises(ParityError, match="parity failed"):
+        sync.sync([(n, t) for n, t in state.items() if n != stale], version=2)
+    a, b = "model.layers.10.mlp.down_proj.weight", "model.layers.11.mlp.down_proj.weight"
+    swapped = dict(state, **{a: state[b], b: state[a]})
+    with pytest.raises(ParityError, match="parity failed"):
+        sync.sync(list(swapped.items()), version=3)
