@@ -55,6 +55,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1
     on_malformed: str = "error"  # error | skip (skipped rows are counted and reported)
+    # prompts through the tokenizer's chat template with the assistant turn opened (instruct
+    # models); false: the messages' contents as plain text (base models without a template)
+    apply_chat_template: bool = True
 
 
 @dataclass
