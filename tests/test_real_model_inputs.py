@@ -74,3 +74,29 @@ def test_chat_template_switch_on_the_real_tokenizer():
     tok.chat_template = None
     with pytest.raises(MissingChatTemplateError, match="data.apply_chat_template=false"):
         encode_prompt(tok, msgs, True)
+
+
+def test_entropy_tool_measures_in_float32():
+    """tools/verify_entropy_change.py: a bf16 config is measured in fp32 (a bf16 weight does not
+    move at lr 1e-6), and a bf16 checkpoint is refused with the way out."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from steer_megatron.config import load_config
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        spec = importlib.util.spec_from_file_location("verify_entropy_change", tools / "verify_entropy_change.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(tools))
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    args = mod.build_parser().parse_args(["--hf", "x", "--out", "y", "--lr", "1e-6"])
+    assert mod._apply_flags(cfg, args) == [1e-6] and cfg.model.dtype == "float32"
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    args = mod.build_parser().parse_args(["--ckpt", "x", "--out", "y"])
+    with pytest.raises(SystemExit, match="rounding noise.*--dtype float32"):
+        mod._apply_flags(cfg, args)
