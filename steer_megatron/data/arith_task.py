@@ -42,7 +42,8 @@ def make_problem(level: int, rng: random.Random) -> tuple[str, int]:
         return f"What is {a} * {b}?", a * b
     if level == 5:
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        boxes, per, given = r(2, 6), r(3, 12), r(1, 9)
+        boxes, per = r(2, 6), r(3, 12)
+        given = r(1, min(9, boxes * per - 1))  # never more than they have
         return (f"{name} has {boxes} boxes with {per} {item} in each box and gives away {given} {item}. "
                 f"How many {item} does {name} have left?", boxes * per - given)
     raise ValueError(f"level must be 1-5, got {level}")
