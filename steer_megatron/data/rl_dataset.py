@@ -2,7 +2,8 @@
 
 Each row is checked on load; a malformed row raises naming the file, row and column (or,
 with on_malformed="skip", is counted and reported). Prompts go through the tokenizer's chat
-template with the generation prompt appended; prompts longer than max_prompt_len tokens are
+template with the generation prompt appended (apply_chat_template=False: the messages' contents
+as plain text, for base models); prompts longer than max_prompt_len tokens are
 dropped and the count is logged, since silently truncating a maths problem changes it.
 """
 from __future__ import annotations
@@ -65,6 +66,25 @@ def _check_row(row: dict, prompt_key: str) -> str | None:
     return None
 
 
+class MissingChatTemplateError(ValueError):
+    """apply_chat_template is on but the tokenizer has no chat template."""
+
+
+def encode_prompt(tokenizer, messages: list[dict], apply_chat_template: bool = True) -> list[int]:
+    """Token ids of one prompt: the chat template with the assistant turn opened, or (for
+    models without a template) the contents joined by blank lines, with the tokenizer's own
+    special tokens (e.g. BOS)."""
+    if not apply_chat_template:
+        return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise MissingChatTemplateError(
+            f"the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no chat template: set "
+            "data.apply_chat_template=false to send plain-text prompts, or add a template (chat_template.jinja "
+            "in the model directory; python -m steer_megatron.prepare_model --chat-template FILE for a GGUF)"
+        )
+    return _encode_chat(tokenizer, messages)
+
+
 def _encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     out = tokenizer.apply_chat_template(
         [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True, tokenize=True
@@ -81,6 +101,7 @@ def load_rl_parquets(
     prompt_key: str = "prompt",
     on_malformed: str = "error",
     max_rows: int | None = None,
+    apply_chat_template: bool = True,
 ) -> tuple[list[PromptExample], LoadReport]:
     """Read, check, tokenise and length-filter every row of `paths` (in file order).
 
@@ -112,7 +133,7 @@ def load_rl_parquets(
                     )
                 report.malformed += 1
                 continue
-            ids = _encode_chat(tokenizer, row[prompt_key])
+            ids = encode_prompt(tokenizer, row[prompt_key], apply_chat_template)
             if len(ids) > max_prompt_len:
                 report.too_long += 1
                 continue

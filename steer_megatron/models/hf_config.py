@@ -287,7 +287,9 @@ def build_gpt_model(
     if padded_vocab:
         if padded_vocab < arch.vocab_size or padded_vocab % real_tp:
             raise ValueError(
-                f"padded_vocab={padded_vocab} must be >= vocab_size={arch.vocab_size} and divisible by tp={real_tp}"
+                f"padded_vocab={padded_vocab} must be >= vocab_size={arch.vocab_size} and divisible by tp={real_tp}: "
+                f"choose a tp that divides it (a checkpoint keeps the padding it was saved with), or pad to "
+                f"{padded_vocab_size(arch.vocab_size, real_tp, vocab_divisible_by)} (padded_vocab_size(vocab, tp))"
             )
         vocab = VocabInfo(arch.vocab_size, padded_vocab)
     if seed is not None:

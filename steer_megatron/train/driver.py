@@ -71,7 +71,8 @@ class Driver:
         self.stop_ids = tuple(sorted({i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}))
         d = cfg.data
         examples, report = load_rl_parquets(d.train_files, tok, max_prompt_len=d.max_prompt_len,
-                                            prompt_key=d.prompt_key, on_malformed=d.on_malformed)
+                                            prompt_key=d.prompt_key, on_malformed=d.on_malformed,
+                                            apply_chat_template=d.apply_chat_template)
         self.console.print(f"train data: {report.summary()}")
         self.sampler = ResumableSampler(examples, seed=d.seed, shuffle=d.shuffle)
         if sampler_state:
@@ -133,7 +134,8 @@ class Driver:
                 summary = f"{len(rows)} problems, {len(rows) - len(examples)} dropped as too long"
             else:
                 examples, report = load_rl_parquets([f], self.tokenizer, max_prompt_len=max_len,
-                                                    prompt_key=self.cfg.data.prompt_key, on_malformed="skip")
+                                                    prompt_key=self.cfg.data.prompt_key, on_malformed="skip",
+                                                    apply_chat_template=self.cfg.data.apply_chat_template)
                 summary = report.summary()
             if e.max_prompts and len(examples) > e.max_prompts:
                 examples = random.Random(f"eval/{f}").sample(examples, e.max_prompts)

@@ -23,6 +23,7 @@ from steer_megatron.models.hf_config import build_gpt_model, parse_hf_config
 from steer_megatron.models.hf_export import export_hf_checkpoint
 from steer_megatron.models.hf_import import load_hf_weights
 from steer_megatron.parallel import ParallelLayout, init_parallel
+from steer_megatron.rollout.weight_sync.base import parity_tolerance
 from steer_megatron.train.actor import ActorConfig, MegatronActor
 from steer_megatron.train.control import ControlPlane, StopRequest
 from steer_megatron.train.driver import Driver
@@ -81,8 +82,9 @@ def train(cfg: RunConfig) -> Path:
     driver = Driver(cfg, run, sampler_state, resume_step=start_step if latest else None, dp=dp) if control.is_driver else None
     publisher = WeightPublisher(actor, control, driver.weight_sync if driver else None,
                                 driver.probe_prompts if driver else [], pad_id=control.broadcast(driver.pad_id if driver else None),
-                                atol=cfg.rollout.parity_atol, dtype=DTYPES[cfg.model.dtype],
-                                temperature=cfg.rollout.temperature)
+                                atol=cfg.rollout.parity_atol or parity_tolerance(DTYPES[cfg.model.dtype], arch.num_layers,
+                                                                                 arch.hidden_size),
+                                dtype=DTYPES[cfg.model.dtype], temperature=cfg.rollout.temperature)
     try:
         publisher.publish(start_step)  # the fleet serves exactly the weights we train from
         if driver and cfg.eval.every and cfg.eval.at_start and start_step == 0:

@@ -12,6 +12,7 @@ trainer's logits / T and the rollout log-probs TIS uses.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -41,6 +42,27 @@ class ParityError(WeightSyncError):
 
 def named_tensors(source: WeightSource) -> NamedTensors:
     return source() if callable(source) else source
+
+
+# Headroom over the estimate below. On SmolLM2-135M (fp32, 30 layers x 576) the measured
+# server-vs-trainer difference was 1.8e-5 = 1.15 x the estimate; 16x covers other machines'
+# kernels and longer probes, and stays under what one stale weight matrix moves after a
+# single step at lr 1e-5 (2e-3 to 6e-3 there; docs/benchmarks.md, "Real model").
+PARITY_HEADROOM = 16.0
+
+
+def parity_tolerance(dtype: torch.dtype, num_layers: int, hidden_size: int) -> float:
+    """The largest |engine - trainer| log-prob two correct implementations should show.
+
+    Both hold the same weights and differ only in the order they sum in. In fp32 each matmul
+    over K terms carries ~eps * sqrt(K) relative rounding (a random walk), and the residual
+    stream adds the layers' errors as another random walk: eps * sqrt(L * H). In bf16/fp16 the
+    matmuls accumulate in fp32 but every activation is rounded to the narrow type, so the
+    per-element rounding eps(dtype) * sqrt(L) dominates. Times PARITY_HEADROOM."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 or dtype == torch.float64:
+        return PARITY_HEADROOM * eps * math.sqrt(num_layers * hidden_size)
+    return PARITY_HEADROOM * eps * math.sqrt(num_layers)
 
 
 @dataclass(frozen=True)
