@@ -105,6 +105,7 @@ def check_row(row: str, run: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~6 min of CPU: make test-extended
 def test_every_grid_row_trains_three_steps_on_the_demo_model(tmp_path):
     # demo assets in the repo's cache (.cache/demo_assets/<hash>): built once per machine
     runs = spawn_ranks(grid_worker, 1, ROWS, DEMO + [f"trainer.output_dir={tmp_path}"], timeout=2400)[0]

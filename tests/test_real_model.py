@@ -70,6 +70,7 @@ def _check_tp3(real, results, padded):
         assert torch.equal(other["entropy"], r["entropy"]) and torch.equal(other["logprob"], r["logprob"])
 
 
+@pytest.mark.extended
 @pytest.mark.slow  # 2 and 6 ranks of a 30-layer model: ~50 s and ~140 s on 2 busy cores
 @pytest.mark.parametrize("tp, pp", [(1, 2), (3, 2)], ids=["pp2", "tp3_pp2"])
 def test_pipeline_logits_match_transformers(real, tp, pp):
