@@ -96,7 +96,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return sum(v for k, v in self.rows.items() if not k.startswith("(")) 
+        return sum(v for k, v in self.rows.items() if not k.startswith("("))
 
     @property
     def fits(self) -> bool:

@@ -202,18 +202,13 @@ class MegatronActor:
         self.loss_fn = get_policy_loss(cfg.policy_loss)
         from steer_megatron.models.hf_import import unwrap
 
-        mcfg = unwrap(model).config
-        self._seq_multiple = mcfg.tensor_model_parallel_size if mcfg.sequence_parallel else 1
+        gpt = unwrap(model)
+        self._seq_multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
         self._tap = None
         self._updates = 0  # update() calls, the default step of clip_cov's draw key
         if _is_last_stage():
-            from steer_megatron.models.hf_import import unwrap
-
-            apply_temperature(unwrap(model), cfg.temperature)
+            apply_temperature(gpt, cfg.temperature)
         if cfg.fused_lm_head and _is_last_stage():
-            from steer_megatron.models.hf_import import unwrap
-
-            gpt = unwrap(model)
             self._sequence_parallel = gpt.output_layer.sequence_parallel
             self._tap = _HiddenStatesTap()
             gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
