@@ -30,12 +30,12 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, demo_cache_root):
     """One closed-loop run checkpointing at steps 2 and 4, and a copy of it resumed from step 2."""
     from steer_megatron.demo_assets.assets import build_demo_assets
 
     root = tmp_path_factory.mktemp("diag_runs")
-    base = SMALL + [f"demo.cache_dir={root / 'assets'}", f"trainer.output_dir={root}", *DIAG,
+    base = SMALL + [f"demo.cache_dir={demo_cache_root}", f"trainer.output_dir={root}", *DIAG,
                     f"trainer.total_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=2"]
     build_demo_assets(load_config(None, base).demo)
     full = Path(spawn_ranks(train_worker, 1, base + ["trainer.run_name=full"])[0])
@@ -85,14 +85,14 @@ TRIM_BAND = (0.0002, 0.001)
 
 
 @pytest.fixture(scope="module")
-def trim_runs(tmp_path_factory):
+def trim_runs(tmp_path_factory, demo_cache_root):
     """The trim with a band of small entropy rises (on this small demo the first steps raise the
     entropy by more than that), and the probe, at PP = 1 and at PP = 2 (two pipeline stages)."""
     from steer_megatron.demo_assets.assets import build_demo_assets
 
     root = tmp_path_factory.mktemp("trim_runs")
     lo, hi = TRIM_BAND
-    args = SMALL + [f"demo.cache_dir={root / 'assets'}", f"trainer.output_dir={root}", "trainer.total_steps=3",
+    args = SMALL + [f"demo.cache_dir={demo_cache_root}", f"trainer.output_dir={root}", "trainer.total_steps=3",
                     "diagnostics.probe_every=1", "diagnostics.closed_loop.enabled=true",
                     f"diagnostics.closed_loop.band=[{lo},{hi}]", "diagnostics.closed_loop.trims=2",
                     "diagnostics.closed_loop.min_step_scale=0.25"]

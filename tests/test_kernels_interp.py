@@ -6,7 +6,8 @@ machines, where test_kernels_gpu.py runs the same checks compiled.
 Triton decides interpreter-or-compiler when `triton` is first imported (its own helpers such as
 tl.max are jit functions too), and other test modules import triton early through transformers.
 So unless TRITON_INTERPRET=1 was set when this process started, the one test collected here runs
-this module again in a child pytest with the variable set (about 30 s on 2 cores).
+this module again in a child pytest with the variable set, selecting what the parent selects
+(the bf16 twins of the fp32 checks carry the marker `extended`).
 """
 import os
 import re
@@ -31,19 +32,29 @@ IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the child pytest with TRITON_INTERPRET=1")
 
 
-@pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter process")
-def test_interpreter_suite_in_subprocess():
+def _run_interpreter_child(markexpr: str, least: int) -> None:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", markexpr, str(Path(__file__).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
     )
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"
     passed, skipped = (re.search(rf"(\d+) {w}", tail) for w in ("passed", "skipped"))
-    # only this very test may skip in the child: a child that skipped everything proves nothing
-    assert passed and int(passed.group(1)) >= 25 and skipped and int(skipped.group(1)) == 1, tail
+    # only the launching test may skip in the child: a child that skipped everything proves nothing
+    assert passed and int(passed.group(1)) >= least and skipped and int(skipped.group(1)) == 1, tail
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter process")
+def test_interpreter_suite_in_subprocess():
+    _run_interpreter_child("not extended", least=17)
+
+
+@pytest.mark.extended  # the bf16 twins of the fp32 reference checks: ~2 min of interpreter time
+@pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter process")
+def test_interpreter_extended_cases_in_subprocess():
+    _run_interpreter_child("extended", least=8)
 
 
 def test_kernels_are_interpreted():
@@ -56,15 +67,20 @@ def test_kernels_are_interpreted():
     assert select_kernel("auto", torch.zeros(1)) == "torch"  # auto never picks the interpreter
 
 
+# bf16 runs in make test through the p2-free, several-rows and autograd cases; the bf16 twins of the
+# fp32 reference checks cost ~2 min of interpreter time and run in make test-extended
+BF16_EXTENDED = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.extended)
+
+
 @in_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16_EXTENDED])
 @pytest.mark.parametrize("block", [64, None], ids=["multi_block", "one_block"])
 def test_forward_matches_reference(dtype, block):
     K.check_forward("cpu", N, VOCAB, V_PAD, dtype, seed=1 + (block or 0), block=block)
 
 
 @in_interpreter
-@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("rows", [pytest.param(2, marks=pytest.mark.extended), 4])
 def test_forward_several_rows_per_program(rows):
     """37 rows in programs of 2 or 4: the last program's spare rows must store nothing."""
     K.check_forward("cpu", N, VOCAB, V_PAD, torch.bfloat16, seed=14 + rows, block=64, rows=rows)
@@ -84,7 +100,7 @@ def test_forward_without_p2_stats():
 
 @in_interpreter
 @pytest.mark.parametrize("use_lp,use_h", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16_EXTENDED])
 def test_backward_matches_reference(dtype, use_lp, use_h):
     K.check_backward("cpu", N, VOCAB, V_PAD, dtype, seed=4, use_lp=use_lp, use_h=use_h, block=64)
 
@@ -96,13 +112,13 @@ def test_autograd_end_to_end(inplace):
 
 
 @in_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16_EXTENDED])
 def test_fused_lm_head(dtype):
     K.check_fused_lm_head("cpu", N, 24, VOCAB, V_PAD, dtype, seed=6, block_v=128)
 
 
 @in_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16_EXTENDED])
 def test_fused_token_loss(dtype):
     K.check_fused_token_loss("cpu", N, 24, VOCAB, V_PAD, dtype, seed=13, chunk=16,
                              rel=1e-4 if dtype == torch.float32 else 2e-2)

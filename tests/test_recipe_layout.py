@@ -75,12 +75,12 @@ def recipe_worker(overrides):
 
 
 @pytest.mark.slow
-def test_7b_recipe_runs_at_its_own_layout(tmp_path):
+def test_7b_recipe_runs_at_its_own_layout(tmp_path, demo_cache_root):
     from steer_megatron.demo_assets.assets import build_demo_assets
 
     recipe = load_config(RECIPE, [])
     par, model = recipe.parallel, recipe.model
-    assets = build_demo_assets(load_config(None, [f"demo.cache_dir={tmp_path / 'assets'}"]).demo)
+    assets = build_demo_assets(load_config(None, [f"demo.cache_dir={demo_cache_root}"]).demo)
     model_dir = _recipe_model(assets, tmp_path / "qwen7b_layout")
     world = par.tp * par.pp * par.cp  # one data-parallel rank: the recipe's model layout on this machine
     got = spawn_ranks(recipe_worker, world, _shrink(tmp_path, model_dir, assets), timeout=1500)

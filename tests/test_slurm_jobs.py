@@ -78,7 +78,10 @@ def _preempt_and_finish(job: int, run_dir: Path, out: Path, after_steps: int, ti
     assert "requeueing job" in log and "(restart 1)" in log, log
 
 
-@pytest.mark.parametrize("script", ["slurm/steer_hetjob.sbatch", "slurm/steer_homogeneous.sbatch"])
+# each script's preemption path runs once in make test: the stand-in trainer here on the homogeneous
+# script, the real trainer (below) on the hetjob script; the other two pairings run in make test-extended
+@pytest.mark.parametrize("script", [pytest.param("slurm/steer_hetjob.sbatch", marks=pytest.mark.extended),
+                                    "slurm/steer_homogeneous.sbatch"])
 def test_preemption_signal_requeues_and_resumes_without_lost_or_repeated_steps(cluster, model, tmp_path, script):
     cfg = sh.write_config(tmp_path / "cfg.yaml", model, tmp_path / "runs", "p", total_steps=16, save_every=5)
     out, run_dir = tmp_path / "job.out", tmp_path / "runs" / "p"
@@ -126,7 +129,8 @@ REAL_SMALL = ["demo.n_train=64", "demo.n_test=16", "demo.warmup_steps=60", "trai
               "eval.every=0", "logging.tensorboard=false", "trainer.total_steps=3"]
 
 
-@pytest.mark.parametrize("script", ["slurm/steer_hetjob.sbatch", "slurm/steer_homogeneous.sbatch"])
+@pytest.mark.parametrize("script", ["slurm/steer_hetjob.sbatch",
+                                    pytest.param("slurm/steer_homogeneous.sbatch", marks=pytest.mark.extended)])
 def test_real_trainer_cpu_demo_across_two_nodes_survives_preemption(cluster, tmp_path, script):
     """`python -m steer_megatron.train` on the CPU demo config: trainer on one node, rollout
     server + router on the other, preempted after its first step, requeued, resumed."""

@@ -108,7 +108,7 @@ def test_parity_probe_samples_at_the_rollout_temperature(sampled):
     assert isinstance(sampled[1.0]["probe"][0.0], float)  # T = 1: greedy raw logits are the trained policy
 
 
-def test_trainer_at_T_with_the_new_loss_settings_runs_and_stays_on_policy(tmp_path):
+def test_trainer_at_T_with_the_new_loss_settings_runs_and_stays_on_policy(tmp_path, demo_cache_root):
     """Two demo steps at T = 0.7 through the whole loop (rollout, old pass, update, weight sync
     with the parity probe at T) with STEER exact over the mini-batch group, the release's batch
     layout and an entropy bonus: the rollout and trainer log-probs agree to fp32 noise."""
@@ -117,7 +117,7 @@ def test_trainer_at_T_with_the_new_loss_settings_runs_and_stays_on_policy(tmp_pa
 
     from tests.test_trainer import SMALL, train_worker
 
-    over = SMALL + [f"demo.cache_dir={tmp_path / 'demo'}", f"trainer.output_dir={tmp_path}", "trainer.total_steps=2",
+    over = SMALL + [f"demo.cache_dir={demo_cache_root}", f"trainer.output_dir={tmp_path}", "trainer.total_steps=2",
                     "trainer.run_name=t07", "rollout.temperature=0.7", "algorithm.steer.form=exact",
                     "algorithm.steer.group=mini_batch", "trainer.balance_batch=true", "trainer.micro_batch_size=2",
                     "algorithm.token_mean_over=micro_batch", "algorithm.entropy_coeff=0.001"]

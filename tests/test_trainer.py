@@ -26,11 +26,11 @@ ROLLOUT_LOGPROB_METRICS = ("actor/mismatch_kl", "actor/mismatch_k3", "actor/ppl_
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """Build the demo assets once for every run in this module."""
+def demo_cache(demo_cache_root):
+    """Build this module's demo assets once, before any run spawns ranks that would each build them."""
     from steer_megatron.demo_assets.assets import build_demo_assets
 
-    cache = tmp_path_factory.mktemp("demo_assets")
+    cache = demo_cache_root
     cfg = load_config(None, SMALL + [f"demo.cache_dir={cache}"])
     build_demo_assets(cfg.demo)
     return cache
@@ -50,7 +50,11 @@ def train_worker(overrides):
     return str(train(load_config(None, overrides)))
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=1"], ["parallel.pp=2"]], ids=["tp2", "dp2", "pp2"])
+# TP=2 and PP=2 train and sync in make test through test_resume_at_another_layout_continues_the_run;
+# their standalone runs here are in make test-extended
+@pytest.mark.parametrize("layout", [pytest.param(["parallel.tp=2"], id="tp2", marks=pytest.mark.extended),
+                                    pytest.param(["parallel.tp=1"], id="dp2"),
+                                    pytest.param(["parallel.pp=2"], id="pp2", marks=pytest.mark.extended)])
 def test_two_rank_training_steps_and_rollouts_see_new_weights(tmp_path, demo_cache, layout):
     over = _overrides(tmp_path, demo_cache, "trainer.total_steps=2", "trainer.run_name=r", *layout)
     run_dir = Path(spawn_ranks(train_worker, 2, over)[0])
@@ -91,7 +95,7 @@ def assert_same_metrics(got_rows, want_rows):
 
 
 def test_sigterm_then_resume_reproduces_an_uninterrupted_run(tmp_path, demo_cache):
-    steps = 8  # room to interrupt: the signal is taken at the end of the step it arrives in
+    steps = 5  # room to interrupt: the signal arrives after step 1 and is taken at the end of its step
     full = _launch(tmp_path, demo_cache, "full", steps)
     out, _ = full.communicate(timeout=900)
     assert full.returncode == 0, out[-3000:]
@@ -118,15 +122,6 @@ def test_sigterm_then_resume_reproduces_an_uninterrupted_run(tmp_path, demo_cach
     assert_same_metrics(_metrics(tmp_path / "cut"), _metrics(tmp_path / "full"))
 
 
-def test_same_run_name_with_another_config_is_refused(tmp_path, demo_cache):
-    first = _launch(tmp_path, demo_cache, "taken", 1)
-    out, _ = first.communicate(timeout=900)
-    assert first.returncode == 0, out[-3000:]
-    over = _overrides(tmp_path, demo_cache, "trainer.total_steps=1", "trainer.run_name=taken", "optim.lr=0.5")
-    with pytest.raises(RuntimeError, match="holds checkpoints of a different run"):
-        spawn_ranks(train_worker, 1, over)
-
-
 def _torchrun(tmp_path, demo_cache, nproc, *extra):
     """A relaunch as a user makes it: `torchrun --nproc-per-node N -m steer_megatron.train ...`."""
     over = _overrides(tmp_path, demo_cache, "trainer.run_name=grow", "trainer.save_every=2",
@@ -140,7 +135,8 @@ def _torchrun(tmp_path, demo_cache, nproc, *extra):
 def test_resume_at_another_layout_continues_the_run(tmp_path, demo_cache):
     """A run's identity is what it learns, not how it is laid out: 2 steps at TP=1 on one rank, then
     relaunched on 2 ranks at TP=2 to step 4, then at PP=2 to step 6. Each launch resumes the latest
-    checkpoint (resharded) and continues the same data order."""
+    checkpoint (resharded) and continues the same data order. What the run learns is its identity:
+    the same run name with another learning rate is refused."""
     _torchrun(tmp_path, demo_cache, 1, "trainer.total_steps=2")
     _torchrun(tmp_path, demo_cache, 2, "trainer.total_steps=4", "parallel.tp=2")
     _torchrun(tmp_path, demo_cache, 2, "trainer.total_steps=6", "parallel.pp=2")
@@ -150,34 +146,34 @@ def test_resume_at_another_layout_continues_the_run(tmp_path, demo_cache):
     # each launch's first rollouts come from the weights it resumed: the version it published
     assert [r["rollout/weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
     assert all(r["sync/parity_max_abs_diff"] <= 1e-4 for r in steps)
+    assert all(r["actor/grad_norm"] > 0 for r in steps)
     # the data order went on: 8 prompts a step (trainer.rollout_batch_size) from one epoch's order,
     # never restarted by a relaunch
     for step, layout in ((2, {"tp": 1, "pp": 1, "dp": 1}), (4, {"tp": 2, "pp": 1, "dp": 1}), (6, {"tp": 1, "pp": 2, "dp": 1})):
         meta = json.loads((run / "checkpoints" / f"iter_{step:07d}" / "meta.json").read_text())
         assert meta["layout"] == layout
         assert (meta["extra"]["sampler"]["epoch"], meta["extra"]["sampler"]["position"]) == (0, 8 * step)
-    assert (run / "DONE").is_file()
+    assert (run / "DONE").is_file() and (run / "hf" / "config.json").is_file()
+    over = _overrides(tmp_path, demo_cache, "trainer.run_name=grow", "trainer.total_steps=8", "optim.lr=0.5")
+    with pytest.raises(RuntimeError, match="holds checkpoints of a different run"):
+        spawn_ranks(train_worker, 1, over)
 
 
-def test_kl_penalty_to_the_frozen_initial_policy(tmp_path, demo_cache):
-    """algorithm.kl_coef > 0: every step adds a KL to the initial weights (train/reference.py). At
-    step 1 the policy starts at the reference (KL 0 on the first mini-batch, and on the others too if
-    the first left the weights in place); as the policy moves away the KL grows."""
-    over = _overrides(tmp_path, demo_cache, "trainer.total_steps=3", "trainer.run_name=kl",
-                      "algorithm.kl_coef=0.1", "algorithm.policy_loss=grpo")
-    rows = [r for r in _metrics(spawn_ranks(train_worker, 1, over)[0]) if "actor/pg_loss" in r]
-    kl = [r["actor/kl_ref"] for r in rows]
-    assert len(kl) == 3 and 0 <= kl[0] <= kl[1] < kl[2], kl
-
-
-def test_nccl_weight_sync_from_the_config(tmp_path, demo_cache):
-    """rollout.weight_sync=nccl: trainer rank 0 broadcasts the weights into the servers' group (gloo
+def test_kl_penalty_to_the_frozen_initial_policy_with_nccl_weight_sync(tmp_path, demo_cache):
+    """Two settings in one run (each one trainer launch less in make test).
+    algorithm.kl_coef > 0: every step adds a KL to the initial weights (train/reference.py). At step 1
+    the policy starts at the reference (KL 0 on the first mini-batch, and on the others too if the
+    first left the weights in place); as the policy moves away the KL grows.
+    rollout.weight_sync=nccl: trainer rank 0 broadcasts the weights into the servers' group (gloo
     against the CPU server, the code path NCCL takes on GPUs); the parity probe passes after every
     sync and rollouts come from the new weights. Nothing is written for the workers to load."""
-    over = _overrides(tmp_path, demo_cache, "trainer.total_steps=2", "trainer.run_name=nccl",
+    over = _overrides(tmp_path, demo_cache, "trainer.total_steps=3", "trainer.run_name=kl_nccl",
+                      "algorithm.kl_coef=0.1", "algorithm.policy_loss=grpo",
                       "rollout.weight_sync=nccl", "rollout.weight_sync_bucket_mb=1")
     run_dir = Path(spawn_ranks(train_worker, 1, over)[0])
     steps = [r for r in _metrics(run_dir) if "actor/pg_loss" in r]
-    assert [r["rollout/weight_version"] for r in steps] == [0, 1]
+    kl = [r["actor/kl_ref"] for r in steps]
+    assert len(kl) == 3 and 0 <= kl[0] <= kl[1] < kl[2], kl
+    assert [r["rollout/weight_version"] for r in steps] == [0, 1, 2]
     assert all(r["sync/parity_max_abs_diff"] <= 1e-4 for r in steps)
     assert not (run_dir / "rollout_weights").exists()
