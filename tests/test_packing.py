@@ -152,8 +152,10 @@ def _check_layout(results):
                 mask = ref_stats[0]
                 for got, want in zip(stats[1:], ref_stats[1:]):
                     torch.testing.assert_close(got[mask], want[mask], atol=2e-5, rtol=0)
-                assert abs(metrics["pg_loss"] - ref_metrics["pg_loss"]) < 2e-5
-                assert metrics["batching/padding_fraction"] < ref_metrics["batching/padding_fraction"] or name == "padded"
+                total = metrics["pg_loss"] * metrics["batching/micro_batches"]  # the metric is a mean over micro-batches
+                assert abs(total - ref_metrics["pg_loss"] * ref_metrics["batching/micro_batches"]) < 2e-5
+                if "packed" in name:  # padded under PP: one shape for all micro-batches, so more padding
+                    assert metrics["batching/padding_fraction"] < ref_metrics["batching/padding_fraction"]
         if out["padded"][0] is not None:
             assert out["packed"][2]["batching/padding_fraction"] < 0.25 < out["padded"][2]["batching/padding_fraction"]
             assert out["budget_packed"][2]["batching/tokens_per_micro_batch"] <= 40
