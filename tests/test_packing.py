@@ -180,3 +180,22 @@ def test_token_budget_on_two_dp_ranks_equals_one_rank():
     weights = ref["padded"][3]
     for grads in spawn_ranks(dp_worker, 2, weights, CONFIGS["budget_packed"]):
         _close_grads(grads, ref["padded"][1])
+
+
+def test_config_refuses_a_budget_the_loss_would_depend_on():
+    from pathlib import Path
+
+    from steer_megatron.config import ConfigError, load_config, validate_config
+
+    CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+    base = ["trainer.max_tokens_per_micro_batch=8192", "algorithm.steer.group=mini_batch",
+            "algorithm.token_mean_over=mini_batch"]
+    cfg = load_config(CONFIG_DIR / "qwen2.5-math-7b_steer.yaml", base)
+    validate_config(cfg, check_paths=False)  # the recipe's 1024 + 3072 tokens fit, the loss is split-independent
+    for extra, match in [(["trainer.max_tokens_per_micro_batch=2048"], "below the longest sequence"),
+                         (["algorithm.steer.group=micro_batch"], "steer.group=mini_batch"),
+                         (["algorithm.token_mean_over=micro_batch"], "token_mean_over=mini_batch"),
+                         (["trainer.max_tokens_per_micro_batch=0"], "must be > 0")]:
+        with pytest.raises(ConfigError, match=match):
+            validate_config(load_config(CONFIG_DIR / "qwen2.5-math-7b_steer.yaml", base + extra), check_paths=False)
