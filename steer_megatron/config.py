@@ -229,6 +229,11 @@ class TrainerConfig:
     # reorder each mini-batch so every micro-batch mixes prompts and lengths (train/balance.py), as
     # verl's balance_batch does before the release's micro-batches; rows otherwise stay in prompt order
     balance_batch: bool = False
+    # pack each micro-batch's sequences into rows without padding (train/packing.py; README "Training")
+    pack_sequences: bool = False
+    # micro-batches by token count instead of micro_batch_size rows, token-balanced across DP ranks
+    # (null: off; needs loss_agg_mode=token-mean, token_mean_over=mini_batch, steer.group=mini_batch)
+    max_tokens_per_micro_batch: Optional[int] = None
     ppo_epochs: int = 1
     save_every: int = 50  # 0 = only at the end
     keep_last: int = 2
@@ -483,6 +488,7 @@ def validate_config(
         raise ConfigError(f"parallel.tp={tp} does not divide the model's {num_attention_heads} attention heads")
     if num_query_groups is not None and num_query_groups % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the model's {num_query_groups} query groups (KV heads)")
+    _check_batching(cfg)
     if cfg.parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if cfg.parallel.overlap_param_gather and not cfg.parallel.distributed_optimizer:
@@ -558,6 +564,33 @@ def _check_objective(cfg: RunConfig, world_size: int | None) -> None:
                 reward_by_name(name)
             except KeyError as exc:
                 raise ConfigError(f"reward.routes.{pattern}={name!r}: {exc.args[0]}") from None
+
+
+def _check_batching(cfg: RunConfig) -> None:
+    """trainer.pack_sequences / max_tokens_per_micro_batch fit the loss and layout (the actor checks the same)."""
+    tr, alg = cfg.trainer, cfg.algorithm
+    if tr.pack_sequences and cfg.parallel.cp > 1:
+        raise ConfigError("trainer.pack_sequences=true with parallel.cp > 1 is not supported (THD with context "
+                          "parallelism needs padded cu_seqlens): set parallel.cp=1 or pack_sequences=false")
+    budget = tr.max_tokens_per_micro_batch
+    if budget is None:
+        return
+    if not budget > 0:
+        raise ConfigError(f"trainer.max_tokens_per_micro_batch={budget!r}: must be > 0, or null (off)")
+    longest = cfg.data.max_prompt_len + cfg.data.max_response_len
+    if budget < longest:
+        raise ConfigError(f"trainer.max_tokens_per_micro_batch={budget} is below the longest sequence, "
+                          f"data.max_prompt_len + data.max_response_len = {longest}: raise it to at least {longest}")
+    if alg.loss_agg_mode != "token-mean" or alg.token_mean_over != "mini_batch":
+        raise ConfigError("trainer.max_tokens_per_micro_batch makes the split depend on the lengths: it needs "
+                          "algorithm.loss_agg_mode=token-mean and algorithm.token_mean_over=mini_batch "
+                          f"(got {alg.loss_agg_mode} / {alg.token_mean_over})")
+    if alg.policy_loss == "steer" and alg.steer.group != "mini_batch":
+        raise ConfigError("trainer.max_tokens_per_micro_batch needs algorithm.steer.group=mini_batch (weights "
+                          f"independent of the split into micro-batches); got {alg.steer.group}")
+    if alg.adv.estimator == "gtpo":
+        raise ConfigError("trainer.max_tokens_per_micro_batch deals sequences to DP ranks by length, and "
+                          "adv.estimator=gtpo needs whole prompt groups on each rank: turn one of them off")
 
 
 def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:

@@ -24,6 +24,7 @@ from steer_megatron.loss import (
     token_stats,
 )
 from steer_megatron.train.balance import balanced_order, row_lengths
+from steer_megatron.train.packing import PackedMicroBatch, pack, plan_micro_batches, sequence_lengths
 
 TOKEN_MEAN_OVER = ("mini_batch", "micro_batch")
 
@@ -58,10 +59,22 @@ class ActorBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def dp_slice(self, rank: int, dp: int) -> "ActorBatch":
-        """This data-parallel rank's equal share (rows past dp * (len // dp) are left out)."""
+    def dp_slice(self, rank: int, dp: int, *, balance_rows: int | None = None) -> "ActorBatch":
+        """This data-parallel rank's equal share (rows past dp * (len // dp) are left out).
+
+        balance_rows (trainer.max_tokens_per_micro_batch): each rank's mini-batch of this many rows
+        keeps the same sequences across ranks as without it, but they are dealt to the ranks so their
+        token counts balance (balance.balanced_order over the mini-batch's dp * balance_rows rows)."""
         per = len(self) // dp
-        return self.slice(rank * per, (rank + 1) * per)
+        if not balance_rows or dp == 1:
+            return self.slice(rank * per, (rank + 1) * per)
+        shares = torch.arange(dp * per).view(dp, per)  # the plain split: rank r holds row r * per + j
+        mine = []
+        for start in range(0, per, balance_rows):
+            rows = shares[:, start: start + balance_rows].reshape(-1)  # one mini-batch, all ranks
+            order = balanced_order(row_lengths(self.loss_mask[rows]), len(rows) // dp)
+            mine.append(rows[order].view(dp, -1)[rank])
+        return self.take(torch.cat(mine))
 
     def slice(self, start: int, stop: int) -> "ActorBatch":
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
@@ -82,6 +95,12 @@ class ActorBatch:
     def take(self, order: torch.Tensor) -> "ActorBatch":
         """The rows in `order` (a permutation or selection of row indices)."""
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[order])
+                                for f in fields(self)})
+
+    def trimmed(self, length: int) -> "ActorBatch":
+        """The first `length` tokens of every row (a micro-batch cut to its longest sequence)."""
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else
+                                         getattr(self, f.name)[:, : length - (f.name != "input_ids")])
                                 for f in fields(self)})
 
     def padded(self, rows: int) -> "ActorBatch":
@@ -119,6 +138,12 @@ class ActorConfig:
     # gradients independent of the split) or of each micro-batch, the micro-batch means then
     # averaged over micro-batches and DP ranks (micro_batch: the release's verl actor).
     token_mean_over: str = "mini_batch"
+    # Packed sequences (train/packing.py): each micro-batch's sequences are trimmed to their length
+    # and packed into rows, TE's THD layout or a block-diagonal mask on the local spec.
+    pack_sequences: bool = False
+    # Token-budget micro-batches: a micro-batch holds as many sequences as fit in this many tokens
+    # (real tokens when packed, rows x longest row when padded) instead of micro_batch_size rows.
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self):
         if not self.lr_scale > 0:
@@ -131,6 +156,17 @@ class ActorConfig:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} must be a multiple of "
                              f"micro_batch_size={self.micro_batch_size}")
         get_policy_loss(self.policy_loss)  # unknown names fail at start-up
+        if self.max_tokens_per_micro_batch is not None:
+            if not self.max_tokens_per_micro_batch > 0:
+                raise ValueError(f"trainer.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be > 0")
+            # the split into micro-batches then depends on the lengths: only split-independent losses
+            if self.loss.loss_agg_mode != "token-mean" or self.token_mean_over != "mini_batch":
+                raise ValueError("trainer.max_tokens_per_micro_batch needs algorithm.loss_agg_mode=token-mean and "
+                                 "algorithm.token_mean_over=mini_batch (a loss that does not depend on the split); "
+                                 f"got {self.loss.loss_agg_mode} / {self.token_mean_over}")
+            if self.policy_loss == "steer" and self.loss.steer.group != "mini_batch":
+                raise ValueError("trainer.max_tokens_per_micro_batch needs algorithm.steer.group=mini_batch (STEER's "
+                                 f"weights from the whole mini-batch, independent of the split); got {self.loss.steer.group}")
 
 
 @contextmanager
@@ -205,6 +241,14 @@ class MegatronActor:
         gpt = unwrap(model)
         self._seq_multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
         self._tap = None
+        # packed sequences: TE attention takes THD + cu_seqlens; the local spec a block-diagonal mask,
+        # with each sequence's own positions fed to RoPE by a hook on the rotary embedding
+        self._thd = "TE" in type(gpt.decoder.layers[0].self_attention.core_attention).__name__ if (
+            cfg.pack_sequences and len(gpt.decoder.layers)) else False
+        self._rope_positions: torch.Tensor | None = None
+        if cfg.pack_sequences and not self._thd:
+            gpt.rotary_pos_emb.register_forward_hook(self._packed_rope)
+        self.batching: dict[str, float] = {}  # padding of the last schedule run (metrics)
         self._updates = 0  # update() calls, the default step of clip_cov's draw key
         if _is_last_stage():
             apply_temperature(gpt, cfg.temperature)
@@ -213,11 +257,21 @@ class MegatronActor:
             self._tap = _HiddenStatesTap()
             gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
 
+    def _packed_rope(self, module, args, emb):
+        """Forward hook on the rotary embedding: [s, 1, 1, d] -> [s, rows, 1, d] at each packed
+        token's own position (megatron's unfused RoPE broadcasts over the batch dimension)."""
+        if self._rope_positions is None:
+            return None
+        return emb[:, 0, 0][self._rope_positions.t()].unsqueeze(2)
+
     # -- statistics ---------------------------------------------------------------------------
     def micro_batch_stats(self, output: torch.Tensor, mb: ActorBatch, p2_stats: bool) -> TokenStats:
         """Token statistics of a micro-batch from the model's output: logits [b, s, V_local], or
         with fused_lm_head the hidden states kept by the output layer's hook."""
         from megatron.core import parallel_state as ps
+
+        if isinstance(mb, PackedMicroBatch):  # statistics of the packed rows, in the micro-batch's own layout
+            return mb.unpack(self.micro_batch_stats(output, mb.rows, p2_stats))
 
         tp_group = ps.get_tensor_model_parallel_group()
         target = mb.input_ids[:, 1:]
@@ -243,31 +297,92 @@ class MegatronActor:
         return fused_linear_token_stats(hidden, weight, target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
                                         kernel=self.cfg.loss_kernel, p2_stats=p2_stats)
 
-    def run_schedule(self, batch: ActorBatch, loss_func, forward_only: bool):
-        """megatron's forward/backward schedule over micro-batches of `batch`."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    def micro_batches(self, batch: ActorBatch):
+        """(micro-batches, row groups): `batch` cut as the schedule runs it. Row groups are the batch
+        rows of each micro-batch, or None when micro-batches are consecutive slices of micro_batch_size."""
         from megatron.core import parallel_state as ps
 
-        mbs = self.cfg.micro_batch_size
-        if self._seq_multiple > 1:
-            batch = batch.lengthened(-(-batch.input_ids.shape[1] // self._seq_multiple) * self._seq_multiple)
-        if len(batch) % mbs and ps.get_pipeline_model_parallel_world_size() > 1:
-            # pipeline stages exchange activations of one fixed [seq, mbs, hidden] shape, so a short
-            # last micro-batch (the parity probe's few prompts, a diagnostics slice) is filled up
-            batch = batch.padded(mbs - len(batch) % mbs)
-        micro = [batch.slice(i, i + mbs) for i in range(0, len(batch), mbs)]
-        seq = batch.input_ids.shape[1]
+        cfg = self.cfg
+        mbs, mult = cfg.micro_batch_size, self._seq_multiple
+        pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+        if not cfg.pack_sequences and cfg.max_tokens_per_micro_batch is None:
+            if mult > 1:
+                batch = batch.lengthened(-(-batch.input_ids.shape[1] // mult) * mult)
+            if len(batch) % mbs and pipelined:
+                # pipeline stages exchange activations of one fixed [seq, mbs, hidden] shape, so a short
+                # last micro-batch (the parity probe's few prompts, a diagnostics slice) is filled up
+                batch = batch.padded(mbs - len(batch) % mbs)
+            return [batch.slice(i, i + mbs) for i in range(0, len(batch), mbs)], None
+        lengths = [int(n) for n in sequence_lengths(batch)]
+        if cfg.max_tokens_per_micro_batch is None:
+            groups = [list(range(i, min(i + mbs, len(batch)))) for i in range(0, len(batch), mbs)]
+        else:
+            groups = plan_micro_batches(lengths, cfg.max_tokens_per_micro_batch, padded=not cfg.pack_sequences)
+            count = torch.tensor(len(groups))
+            if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
+                # every DP rank runs as many micro-batches (the one with most tokens sets the count)
+                dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+            if int(count) > len(groups):
+                groups = plan_micro_batches(lengths, cfg.max_tokens_per_micro_batch, padded=not cfg.pack_sequences,
+                                            min_count=int(count))
+        parts = [batch.take(torch.tensor(g, dtype=torch.long)) for g in groups]
+        longest = [max(lengths[i] for i in g) for g in groups]
+        if cfg.pack_sequences:
+            if self._thd:  # one row of every token; under PP all micro-batches as long as the longest
+                need = [sum(lengths[i] for i in g) for g in groups]
+                row_len = [max(need) if pipelined else n for n in need]
+                micro = [pack(p, row_len=n, rows=1, multiple=mult) for p, n in zip(parts, row_len)]
+            else:  # rows as long as the batch's longest sequence (attention cost per token <= that length)
+                micro = [pack(p, row_len=max(longest), multiple=mult) for p in parts]
+                if pipelined:  # the same rows x length for every micro-batch
+                    rows = max(len(m.rows) for m in micro)
+                    micro = [pack(p, row_len=max(longest), rows=rows, multiple=mult) for p in parts]
+        else:
+            width = [max(longest) if pipelined else n for n in longest]
+            micro = [p.trimmed(n).lengthened(-(-n // mult) * mult) for p, n in zip(parts, width)]
+            if pipelined:
+                rows = max(len(m) for m in micro)
+                micro = [m.padded(rows - len(m)) if len(m) < rows else m for m in micro]
+        return micro, groups
+
+    def run_schedule(self, batch: ActorBatch, loss_func, forward_only: bool, micro=None):
+        """megatron's forward/backward schedule over micro-batches of `batch` (or the given ones)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if micro is None:
+            micro, _ = self.micro_batches(batch)
+        first = micro[0].rows if isinstance(micro[0], PackedMicroBatch) else micro[0]
+        rows, seq = first.input_ids.shape  # the shape pipeline stages exchange (the same for all under PP)
+        real = sum(int(n) for m in micro for n in sequence_lengths(m.source if isinstance(m, PackedMicroBatch) else m))
+        computed = sum((m.rows if isinstance(m, PackedMicroBatch) else m).input_ids.numel() for m in micro)
+        self.batching = {"padding_fraction": 1.0 - real / max(computed, 1), "tokens_per_micro_batch": real / len(micro),
+                         "micro_batches": float(len(micro))}
 
         def forward_step(data_iter, model):
             mb = next(data_iter)
-            pos = torch.arange(seq, device=mb.input_ids.device)[None].expand_as(mb.input_ids)
+            if isinstance(mb, PackedMicroBatch):
+                return self._packed_forward(model, mb), partial(loss_func, mb)
+            pos = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device)[None].expand_as(mb.input_ids)
             return model(mb.input_ids, pos, None), partial(loss_func, mb)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
-            num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+            num_microbatches=len(micro), seq_length=seq, micro_batch_size=rows, forward_only=forward_only,
         )
+
+    def _packed_forward(self, model, mb: PackedMicroBatch):
+        ids = mb.rows.input_ids
+        if self._thd:  # Transformer Engine: THD with cu_seqlens (untested: no TE where this was written)
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
+                                     max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
+            return model(ids, mb.position_ids, None, packed_seq_params=params)
+        self._rope_positions = mb.position_ids
+        try:
+            return model(ids, mb.position_ids, mb.attention_mask())
+        finally:
+            self._rope_positions = None
 
     @torch.no_grad()
     def compute_log_probs(self, batch: ActorBatch, *, p2_stats: bool = False):
@@ -286,12 +401,22 @@ class MegatronActor:
                 out.update(sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp)
             return logits.new_zeros(()), out
 
-        out = self.run_schedule(batch, loss_func, forward_only=True)
+        micro, groups = self.micro_batches(batch)
+        out = self.run_schedule(batch, loss_func, forward_only=True, micro=micro)
         self.model.train()
         if not _is_last_stage():
             return None
         n, t = len(batch), batch.input_ids.shape[1] - 1  # without the rows and positions run_schedule may have added
-        return {k: torch.cat([o[k] for o in out])[:n, :t] for k in out[0]}
+        if groups is None:
+            return {k: torch.cat([o[k] for o in out])[:n, :t] for k in out[0]}
+        result = {}
+        for k in out[0]:  # each micro-batch's rows back to their places (positions past a micro-batch's width: 0)
+            full = out[0][k].new_zeros(n, t)
+            for g, o in zip(groups, out):
+                w = min(o[k].shape[1], t)
+                full[torch.tensor(g, dtype=torch.long), :w] = o[k][: len(g), :w]
+            result[k] = full
+        return result
 
     def _needs_old_p2(self) -> bool:
         s = self.cfg.loss.steer
@@ -350,6 +475,8 @@ class MegatronActor:
         form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         sums: dict[str, float] = {}
+        batching: dict[str, float] = {}
+        n_minis = -(-len(batch) // cfg.mini_batch_size)
         count = 0
         grad_norms = []
         for epoch in range(cfg.ppo_epochs):
@@ -357,7 +484,8 @@ class MegatronActor:
                 mini = batch.slice(start, start + cfg.mini_batch_size)
                 if cfg.balance_batch:
                     mini = mini.take(balanced_order(row_lengths(mini.loss_mask), cfg.micro_batch_size))
-                n_micro = -(-len(mini) // cfg.micro_batch_size)
+                micro, _ = self.micro_batches(mini)
+                n_micro = len(micro)
                 token_mean = cfg.loss.loss_agg_mode == "token-mean" and cfg.token_mean_over == "mini_batch"
                 # token-mean over the whole mini-batch on every DP rank: the schedule divides by the
                 # number of micro-batches and DDP averages over DP, so undo both. (token_mean_over=
@@ -383,7 +511,9 @@ class MegatronActor:
 
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                out = self.run_schedule(mini, loss_func, forward_only=False)
+                out = self.run_schedule(mini, loss_func, forward_only=False, micro=micro)
+                for k, v in self.batching.items():
+                    batching[k] = batching.get(k, 0.0) + v / (cfg.ppo_epochs * n_minis)
                 with _scaled_lr(self.optimizer, cfg.lr_scale):
                     ok, grad_norm, _ = self.optimizer.step()
                 if self.scheduler is not None:
@@ -402,4 +532,5 @@ class MegatronActor:
             self.model.start_param_sync(force_sync=True)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        metrics.update({f"batching/{k}": v for k, v in batching.items()})
         return metrics

@@ -65,7 +65,9 @@ def train(cfg: RunConfig) -> Path:
         mini_batch_size=cfg.trainer.mini_batch_size * n // dp, ppo_epochs=cfg.trainer.ppo_epochs,
         policy_loss=cfg.algorithm.policy_loss, loss=policy_loss_config(cfg), loss_kernel=cfg.algorithm.loss_kernel,
         fused_lm_head=cfg.algorithm.fused_lm_head, temperature=cfg.rollout.temperature,
-        balance_batch=cfg.trainer.balance_batch, token_mean_over=cfg.algorithm.token_mean_over), scheduler)
+        balance_batch=cfg.trainer.balance_batch, token_mean_over=cfg.algorithm.token_mean_over,
+        pack_sequences=cfg.trainer.pack_sequences,
+        max_tokens_per_micro_batch=cfg.trainer.max_tokens_per_micro_batch), scheduler)
     # the initial policy, frozen, when the loss has a KL penalty to it
     reference = ReferencePolicy.build(arch, cfg.model.hf_path, params_dtype=DTYPES[cfg.model.dtype],
                                       padded_vocab=vocab.padded_size, cfg=actor.cfg, seed=cfg.trainer.seed,
@@ -94,7 +96,8 @@ def train(cfg: RunConfig) -> Path:
             batch = control.broadcast(driver.rollout_batch(step) if driver else None)
             timing = {"timing/rollout_s": time.perf_counter() - t0}
 
-            local = batch.dp_slice(ps.get_data_parallel_rank(), dp)
+            local = batch.dp_slice(ps.get_data_parallel_rank(), dp, balance_rows=actor.cfg.mini_batch_size
+                                   if cfg.trainer.max_tokens_per_micro_batch else None)
             t1 = time.perf_counter()
             actor.old_pass(local)  # old_log_prob, old_entropy (and what STEER's group needs)
             if reference:
