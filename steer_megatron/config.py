@@ -21,6 +21,17 @@ from typing import Any, Optional
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# the loss's components, defined and validated once beside the loss (loss/schema.py)
+from steer_megatron.loss.schema import (
+    ClipCovConfig,
+    EntropyAdvConfig,
+    KlCovConfig,
+    RolloutCorrection,
+    SteerConfig,
+    policy_loss_config_from,
+)
+from steer_megatron.algorithms.controller import ClosedLoopConfig  # defined and validated beside its controller
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cpu_demo.yaml"
 
@@ -92,20 +103,6 @@ class RolloutConfig:
 
 
 @dataclass
-class SteerConfig:
-    form: str = "release"  # release | paper | exact (../shared/DESIGN.md section 1)
-    mapping: str = "exp"  # exp | linear
-    w_min: float = 0.8
-    w_max: float = 1.0
-    omega_floor: float = 0.02  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
-    # over which tokens min/max |Omega| are taken (README "STEER forms, groups, temperature and
-    # aggregation"): micro_batch (as released; the release's per-GPU micro-batch is 8 sequences with
-    # prompts mixed: trainer.micro_batch_size=8, trainer.balance_batch=true) | dp | mini_batch
-    # (recommended: the whole mini-batch on every DP rank from the old-policy pass, split-independent)
-    group: str = "micro_batch"
-
-
-@dataclass
 class AdvantageConfig:
     estimator: str = "grpo"  # grpo | w_reinforce | psr | nsr | gtpo (algorithms/advantages.py)
     norm_by_std: bool = True
@@ -116,37 +113,9 @@ class AdvantageConfig:
 
 
 @dataclass
-class RolloutCorrectionConfig:
-    """Correct the loss for pi_old / pi_rollout (loss/rollout_correction.py). tis_cap = mode truncate, level token."""
-
-    mode: str = "none"  # none | truncate (TIS) | icepop | mask (masked IS: out-of-band tokens/sequences dropped)
-    level: str = "token"  # token | sequence (product of token ratios) | geometric (their geometric mean)
-    upper: float = 2.0
-    lower: Optional[float] = None  # icepop / mask band low end; null = 1 / upper
-
-
-@dataclass
 class DynamicSamplingConfig:
     enabled: bool = False
     max_rounds: int = 10  # rollout rounds per step before giving up refilling the batch
-
-
-@dataclass
-class KlCovConfig:
-    """`kl_cov` (Cui et al. 2025). Defaults: the original 7B script (PRIME-RL/Entropy-Mechanism-of-RL
-    recipe/dapo/7b_kl_cov.sh: k_percent 0.2 %, ppo_kl_coef 1)."""
-
-    ratio: float = 0.002  # fraction of valid tokens, top by covariance, that get the |log ratio| penalty
-    coef: float = 1.0
-
-
-@dataclass
-class ClipCovConfig:
-    """`clip_cov` (Cui et al. 2025). Defaults: the original 7B script (recipe/dapo/7b_clip_cov.sh)."""
-
-    ratio: float = 0.0002  # max(int(ratio * tokens), 1) tokens per micro-batch lose their gradient
-    lb: float = 1.0  # candidates: covariance strictly inside (lb, ub), not clipped by the PPO clip
-    ub: float = 5.0
 
 
 @dataclass
@@ -155,18 +124,20 @@ class AlgorithmConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip_c: float = 10.0
-    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     # token-mean's denominator: mini_batch (all valid tokens of the mini-batch on every DP rank; the
     # gradient does not depend on the split) | micro_batch (each micro-batch's token-mean, averaged
     # over micro-batches and DP ranks: the release's verl actor)
     token_mean_over: str = "mini_batch"
     entropy_coeff: float = 0.0  # adds -coef * H (with gradient) to every policy loss, as released
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # KL(pi || pi_ref) to the initial weights (train/reference.py)
+    kl_type: str = "k3"  # k1 | k3: the per-token KL estimate (loss.policy_losses.kl_penalty)
     tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine's log-probs
-    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    rollout_correction: RolloutCorrection = field(default_factory=RolloutCorrection)
     steer: SteerConfig = field(default_factory=SteerConfig)
-    kl_cov: KlCovConfig = field(default_factory=KlCovConfig)
-    clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
+    kl_cov: KlCovConfig = field(default_factory=KlCovConfig)  # policy_loss=kl_cov
+    clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)  # policy_loss=clip_cov
+    entropy_adv: EntropyAdvConfig = field(default_factory=EntropyAdvConfig)  # policy_loss=entropy_adv
     adv: AdvantageConfig = field(default_factory=AdvantageConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     # token-statistics kernels (steer_megatron.loss.kernels): auto = Triton on CUDA, PyTorch elsewhere
@@ -285,27 +256,6 @@ class DemoConfig:
 
 
 @dataclass
-class ClosedLoopConfig:
-    """Move STEER's w_min each step to hold the step's measured entropy change inside `band`
-    (steer_megatron.diagnostics.controller.WMinController). Needs algorithm.policy_loss=steer.
-    Past w_min's bounds the loop can go on to scale the LR (lr_scale_bounds; off by default), and
-    with trims > 0 it scales back, inside the step, a step that overshot the band
-    (steer_megatron.diagnostics.step_trim)."""
-
-    enabled: bool = False
-    band: list[float] = field(default_factory=lambda: [-0.004, -0.001])  # [low, high], nats/token per step
-    gain: float = 0.5  # change of log w_min per band width of error outside the band
-    w_min_bounds: list[float] = field(default_factory=lambda: [0.05, 1.0])  # within (0, 1]
-    max_step: float = 0.5  # largest change of log w_min (or log LR scale) in one step
-    # LR multiplier the loop may use once w_min sits at a bound: [low <= 1, high >= 1]. [1, 1] = w_min only.
-    lr_scale_bounds: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    # In-step feedback (diagnostics/step_trim.py): a step whose measured change lies outside the
-    # band is scaled back towards the weights before it, re-measured, up to `trims` times. 0 = off.
-    trims: int = 0
-    min_step_scale: float = 0.25  # the smallest fraction of a step a trim may keep, in (0, 1]
-
-
-@dataclass
 class DiagnosticsConfig:
     """Optional entropy-change diagnostics inside the trainer (docs/entropy_diagnostics.md)."""
 
@@ -387,6 +337,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config {path}: {str(exc).splitlines()[0]} (key {getattr(exc, 'full_key', '?')})") from None
+    except ValueError as exc:  # a component's own check (its dataclass validates itself), naming its key
+        raise ConfigError(f"config {path}: {exc}") from None
     validate_config(obj, check_paths=False)
     return obj
 
@@ -400,14 +352,8 @@ _CHOICES = {
     "data.on_malformed": ("error", "skip"),
     "rollout.engine": ("cpu", "sglang"),
     "rollout.weight_sync": ("disk", "nccl"),
-    "algorithm.steer.form": ("release", "paper", "exact"),
-    "algorithm.steer.mapping": ("exp", "linear"),
-    "algorithm.steer.group": ("micro_batch", "dp", "mini_batch"),
     "algorithm.token_mean_over": ("mini_batch", "micro_batch"),
     "algorithm.adv.estimator": ("grpo", "w_reinforce", "psr", "nsr", "gtpo"),
-    "algorithm.rollout_correction.mode": ("none", "truncate", "icepop", "mask"),
-    "algorithm.rollout_correction.level": ("token", "sequence", "geometric"),
-    "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "algorithm.loss_kernel": ("auto", "torch", "triton"),
     "optim.schedule": ("constant", "linear", "cosine"),
 }
@@ -448,27 +394,16 @@ def validate_config(
     alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
     if ro.parity_atol is not None and not ro.parity_atol > 0:
         raise ConfigError(f"rollout.parity_atol={ro.parity_atol!r}: must be > 0, or null to derive it from the model")
-    if not 0 < alg.clip_low <= 1 or alg.clip_high <= 0:
-        raise ConfigError(f"algorithm.clip_low={alg.clip_low} must be in (0, 1] and clip_high={alg.clip_high} > 0")
-    if alg.entropy_coeff < 0:
-        raise ConfigError(f"algorithm.entropy_coeff={alg.entropy_coeff} must be >= 0 (it adds -coef * H to the loss)")
+    try:  # the loss's own checks (loss/schema.py), the one place they live
+        policy_loss_config_from(alg, seed=tr.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if alg.policy_loss == "entropy_reg" and alg.entropy_coeff == 0:
         raise ConfigError("algorithm.policy_loss=entropy_reg with algorithm.entropy_coeff=0 is plain GRPO: set "
                           "algorithm.entropy_coeff > 0 (e.g. 0.001) or use policy_loss=grpo")
-    if not (0 < alg.kl_cov.ratio <= 1 and 0 < alg.clip_cov.ratio <= 1 and alg.clip_cov.lb < alg.clip_cov.ub):
-        raise ConfigError(f"algorithm.kl_cov.ratio={alg.kl_cov.ratio} and clip_cov.ratio={alg.clip_cov.ratio} must be "
-                          f"in (0, 1], and clip_cov.lb={alg.clip_cov.lb} < clip_cov.ub={alg.clip_cov.ub}")
     if not cfg.rollout.temperature > 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0: the trainer optimises "
                           f"softmax(logits / T), the distribution the rollout samples from")
-    if alg.dual_clip_c <= 1:
-        raise ConfigError(f"algorithm.dual_clip_c={alg.dual_clip_c} must be > 1 (the dual-clip bound is c * |A|)")
-    if not 0 < alg.steer.w_min <= alg.steer.w_max:
-        raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min} must be in (0, w_max={alg.steer.w_max}]")
-    if alg.steer.mapping == "exp" and alg.steer.w_min >= 1:
-        raise ConfigError(f"algorithm.steer.w_min={alg.steer.w_min}: the exp mapping needs w_min < 1")
-    if alg.tis_cap is not None and alg.tis_cap <= 0:
-        raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 or null")
     _check_objective(cfg, world_size)
     if ro.n < 2 and alg.adv.estimator == "grpo":
         raise ConfigError(f"rollout.n={ro.n}: GRPO needs at least 2 samples per prompt to form a group")
@@ -550,12 +485,6 @@ def _check_objective(cfg: RunConfig, world_size: int | None) -> None:
             if dp and cfg.trainer.rollout_batch_size % dp:
                 raise ConfigError(f"algorithm.adv.estimator=gtpo needs whole prompt groups on every data-parallel rank: "
                                   f"trainer.rollout_batch_size={cfg.trainer.rollout_batch_size} must be a multiple of {dp}")
-    rc = alg.rollout_correction
-    if rc.mode != "none" and alg.tis_cap is not None:
-        raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} and algorithm.rollout_correction.mode={rc.mode} both correct "
-                          f"for the rollout policy: keep one (tis_cap is mode=truncate, level=token)")
-    if not rc.upper > 0 or (rc.lower is not None and not 0 < rc.lower <= rc.upper):
-        raise ConfigError(f"algorithm.rollout_correction lower={rc.lower}, upper={rc.upper}: need 0 < lower <= upper")
     if cfg.reward.routes:
         from steer_megatron.rewards.registry import reward_by_name
 
@@ -607,37 +536,15 @@ def _check_diagnostics(cfg: RunConfig, dp: int | None) -> None:
         raise ConfigError(f"diagnostics.probe_prompts={d.probe_prompts} x rollout.n={n} sequences do not split into {dp} "
                           f"data-parallel ranks x whole micro-batches of trainer.micro_batch_size={tr.micro_batch_size}; "
                           f"use a multiple of {dp * tr.micro_batch_size // math.gcd(dp * tr.micro_batch_size, n)} prompts")
-    c = d.closed_loop
-    if c.trims and not c.enabled:
-        raise ConfigError(f"diagnostics.closed_loop.trims={c.trims} trims steps against the closed loop's band: set "
-                          f"diagnostics.closed_loop.enabled=true (pin w_min with w_min_bounds=[w,w] for the trim alone), "
-                          f"or trims=0")
+    c = d.closed_loop  # its own settings are checked by ClosedLoopConfig; here what it needs from the rest
     if not c.enabled:
         return
     if cfg.algorithm.policy_loss != "steer":
         raise ConfigError(f"diagnostics.closed_loop.enabled=true moves STEER's w_min: it needs algorithm.policy_loss=steer "
                           f"(got {cfg.algorithm.policy_loss!r}); set closed_loop.enabled=false for other losses")
-    if len(c.band) != 2 or not c.band[0] < c.band[1]:
-        raise ConfigError(f"diagnostics.closed_loop.band={list(c.band)}: must be [low, high] with low < high "
-                          f"(per-step entropy change in nats/token, e.g. [-0.004, -0.001])")
-    if len(c.w_min_bounds) != 2 or not 0 < c.w_min_bounds[0] <= c.w_min_bounds[1] <= 1:
-        raise ConfigError(f"diagnostics.closed_loop.w_min_bounds={list(c.w_min_bounds)}: must be [low, high] with "
-                          f"0 < low <= high <= 1 (STEER's weights lie in [w_min, 1])")
     if not c.w_min_bounds[0] <= cfg.algorithm.steer.w_min <= c.w_min_bounds[1]:
         raise ConfigError(f"algorithm.steer.w_min={cfg.algorithm.steer.w_min} is the closed loop's starting point: it must "
                           f"lie inside diagnostics.closed_loop.w_min_bounds={list(c.w_min_bounds)}")
-    if c.gain <= 0 or c.max_step <= 0:
-        raise ConfigError(f"diagnostics.closed_loop.gain={c.gain} and max_step={c.max_step}: both must be > 0")
-    if len(c.lr_scale_bounds) != 2 or not 0 < c.lr_scale_bounds[0] <= 1 <= c.lr_scale_bounds[1]:
-        raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)}: must be [low, high] with "
-                          f"0 < low <= 1 <= high (the LR scale is 1 until w_min reaches a bound; [1.0, 1.0] = w_min only)")
-    if c.trims < 0 or not 0 < c.min_step_scale <= 1:
-        raise ConfigError(f"diagnostics.closed_loop.trims={c.trims} and min_step_scale={c.min_step_scale}: need trims >= 0 "
-                          f"(0 = off) and 0 < min_step_scale <= 1")
-    if list(c.lr_scale_bounds) != [1.0, 1.0] and c.band[1] > 0:
-        raise ConfigError(f"diagnostics.closed_loop.lr_scale_bounds={list(c.lr_scale_bounds)} with band={list(c.band)}: "
-                          f"scaling the LR only shrinks or grows a falling entropy, so the band's high end must be <= 0; "
-                          f"lower it or set lr_scale_bounds=[1.0,1.0]")
 
 
 def _check_code_eval(cfg: RunConfig) -> None:
@@ -689,7 +596,10 @@ def config_to_yaml(cfg: RunConfig) -> str:
 def config_from_yaml(text: str) -> RunConfig:
     """Inverse of config_to_yaml (for reading a checkpoint's saved config)."""
     cfg = _merge_checked(OmegaConf.structured(RunConfig), OmegaConf.create(text), "saved config")
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"saved config: {exc}") from None
 
 
 def config_hash(cfg: RunConfig) -> str:

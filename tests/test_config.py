@@ -1,6 +1,7 @@
 """Config loading, the shipped configs' hyper-parameters, validation errors, hashing."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -71,13 +72,40 @@ def test_loss_settings_reach_the_policy_loss_config():
 
     cfg = load_config(None, ["algorithm.entropy_coeff=0.003", "algorithm.kl_cov.ratio=0.01", "algorithm.kl_cov.coef=2",
                              "algorithm.clip_cov.ratio=0.001", "algorithm.clip_cov.lb=0.5", "algorithm.clip_cov.ub=4",
-                             "algorithm.steer.group=mini_batch", "algorithm.steer.form=exact", "trainer.seed=7"])
+                             "algorithm.steer.group=mini_batch", "algorithm.steer.form=exact", "trainer.seed=7",
+                             "algorithm.entropy_adv.alpha=0.3", "algorithm.entropy_adv.kappa=3", "algorithm.kl_type=k1",
+                             "algorithm.loss_agg_mode=seq-mean-token-sum-norm"])
     pl = policy_loss_config(cfg)
-    assert (pl.entropy_coeff, pl.kl_cov_ratio, pl.kl_cov_coef) == (0.003, 0.01, 2.0)
-    assert (pl.clip_cov_ratio, pl.clip_cov_lb, pl.clip_cov_ub, pl.seed) == (0.001, 0.5, 4.0, 7)
+    assert (pl.entropy_adv.alpha, pl.entropy_adv.kappa, pl.kl_type, pl.loss_agg_mode) == (0.3, 3.0, "k1", "seq-mean-token-sum-norm")
+    assert (pl.entropy_coeff, pl.kl_cov.ratio, pl.kl_cov.coef) == (0.003, 0.01, 2.0)
+    assert (pl.clip_cov.ratio, pl.clip_cov.lb, pl.clip_cov.ub, pl.seed) == (0.001, 0.5, 4.0, 7)
     assert (pl.steer.group, pl.steer.form) == ("mini_batch", "exact")
     default = policy_loss_config(load_config(None))
-    assert (default.kl_cov_ratio, default.clip_cov_ratio, default.entropy_coeff) == (0.002, 0.0002, 0.0)
+    assert (default.kl_cov.ratio, default.clip_cov.ratio, default.entropy_coeff) == (0.002, 0.0002, 0.0)
+
+
+def test_one_schema_per_loss_component():
+    """The YAML's algorithm.* components are the loss's own dataclasses, so the same value fails the
+    same way from a YAML override and from library code (the checks live in loss/schema.py only)."""
+    from steer_megatron.algorithms.controller import ClosedLoopConfig
+    from steer_megatron.loss import PolicyLossConfig, SteerConfig
+    from steer_megatron.loss.rollout_correction import RolloutCorrection
+
+    alg = RunConfig().algorithm
+    assert type(alg.steer) is SteerConfig and type(alg.rollout_correction) is RolloutCorrection
+    assert type(RunConfig().diagnostics.closed_loop) is ClosedLoopConfig
+    for override, build in [
+        ("algorithm.steer.w_min=1.5", lambda: SteerConfig(w_min=1.5, w_max=2.0)),
+        ("algorithm.clip_low=0", lambda: PolicyLossConfig(clip_low=0.0)),
+        ("algorithm.rollout_correction.level=word", lambda: RolloutCorrection(level="word")),
+        ("algorithm.kl_type=k2", lambda: PolicyLossConfig(kl_type="k2")),
+        ("diagnostics.closed_loop.gain=0", lambda: ClosedLoopConfig(gain=0.0)),
+    ]:
+        with pytest.raises(ValueError) as lib:
+            build()
+        with pytest.raises(ConfigError) as yaml:
+            load_config(None, [override] + (["algorithm.steer.w_max=2"] if "w_min" in override else []))
+        assert str(lib.value) in str(yaml.value), (override, str(lib.value), str(yaml.value))
 
 
 def test_overrides_and_typed_values():
@@ -156,7 +184,7 @@ def test_yaml_round_trip_and_hash(tmp_path):
     again = load_config(CONFIG_DIR / "qwen2.5-math-7b_steer.yaml")
     assert config_hash(cfg) == config_hash(again) and len(config_hash(cfg)) == 64
     assert config_from_yaml(config_to_yaml(cfg)) == cfg
-    again.algorithm.steer.w_min = 0.81
+    again.algorithm.steer = dataclasses.replace(again.algorithm.steer, w_min=0.81)  # components are frozen
     assert config_hash(again) != config_hash(cfg)
     path = save_config(cfg, tmp_path / "ckpt")
     assert config_from_yaml(path.read_text()) == cfg

@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
+from steer_megatron.algorithms.controller import WMinController
 from steer_megatron.diagnostics import (
-    EntropyChangeData, WMinController, analyze, average_ranks, omega_forms, sign_agreement, spearman,
+    EntropyChangeData, analyze, average_ranks, omega_forms, sign_agreement, spearman,
 )
 from steer_megatron.diagnostics.entropy_change import clipping, quadrants, total_agreement
 
@@ -171,7 +172,8 @@ def _train_step(actor, batch):
 def probe_worker():
     from dataclasses import replace
 
-    from steer_megatron.diagnostics import EntropyProbe, measure_entropy_change, step_entropy_change
+    from steer_megatron.algorithms.controller import step_entropy_change
+    from steer_megatron.diagnostics import EntropyProbe, measure_entropy_change
     from steer_megatron.parallel import ParallelLayout, init_parallel
     from tests.tiny_gpt import build_tiny_gpt, plain_entropy, rl_batch
 
@@ -360,8 +362,8 @@ def test_controller_state_round_trips_and_reads_w_min_only_checkpoints():
 
 
 def test_lr_actuator_settings_are_checked():
-    with pytest.raises(ValueError, match=r"lr_scale_bounds=\(1.5, 2.0\): need 0 < low <= 1 <= high"):
+    with pytest.raises(ValueError, match=r"lr_scale_bounds=\[1.5, 2.0\]: must be \[low, high\] with 0 < low <= 1 <= high"):
         WMinController(-0.01, -0.004, lr_scale_bounds=(1.5, 2.0))
-    with pytest.raises(ValueError, match=r"band high=0.001 > 0"):
+    with pytest.raises(ValueError, match=r"band=\[-0.01, 0.001\].*band's high end must be <= 0"):
         WMinController(-0.01, 0.001, lr_scale_bounds=(0.5, 1.0))
     WMinController(-0.01, 0.001)  # a band that allows a rise is fine for w_min alone

@@ -97,7 +97,7 @@ def test_rows_past_2_pow_31_elements():
 
 def _logz_ent(logits, target):
     from steer_megatron.loss.kernels import triton_stats
-    from steer_megatron.loss.token_stats import _merge
+    from steer_megatron.loss.vocab_parallel import merge_stats as _merge
 
     log_z, ent = _merge(triton_stats.local_stats(logits, target, logits.shape[1], 0, False)[None])[:2]
     return log_z, ent

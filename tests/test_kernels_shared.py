@@ -7,7 +7,7 @@ import math
 import torch
 
 from steer_megatron.loss import fused_linear_token_stats, token_stats
-from steer_megatron.loss.token_stats import _local_stats, _merge
+from steer_megatron.loss.vocab_parallel import local_stats as _local_stats, merge_stats as _merge
 from tests.reference_math import dense_stats
 
 FIELDS = ("logprob", "entropy", "sum_p2", "sum_p2_logp")

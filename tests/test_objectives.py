@@ -259,7 +259,7 @@ def test_tis_cap_is_token_truncation_and_refuses_a_second_correction():
     a, _, ma = _ours_and_grad("grpo", inp, PolicyLossConfig(tis_cap=1.4))
     b, _, _ = _ours_and_grad("grpo", inp, PolicyLossConfig(rollout_correction=RolloutCorrection("truncate", "token", 1.4)))
     assert a.item() == b.item() and "tis_weight_mean" in ma
-    with pytest.raises(ValueError, match="use one"):
+    with pytest.raises(ValueError, match="both correct for the rollout policy: keep one"):
         PolicyLossConfig(tis_cap=1.4, rollout_correction=RolloutCorrection("icepop"))
 
 

@@ -17,7 +17,7 @@ ROWS = ["grpo", "clip_higher", "entropy_reg", "kl_cov", "clip_cov", "entropy_adv
 # The 7B grid squeezed onto the CPU demo: every row gets exactly these overrides.
 DEMO = [
     "demo.enabled=true", "demo.num_digits=3", "demo.n_train=81", "demo.n_test=19", "demo.warmup_steps=60",
-    "model.dtype=float32", "model.gradient_checkpointing=false", "parallel.tp=1", "parallel.sequence_parallel=false",
+    "model.dtype=float32", "model.recompute=none", "parallel.tp=1", "parallel.sequence_parallel=false",
     "rollout.engine=cpu", "rollout.num_servers=1", "rollout.n=4", "data.max_prompt_len=48", "data.max_response_len=16",
     "trainer.rollout_batch_size=4", "trainer.mini_batch_size=2", "trainer.micro_batch_size=4", "trainer.total_steps=3",
     "trainer.save_every=0", "eval.every=0", "eval.files=[]", "logging.tensorboard=false", "optim.lr=3e-4",

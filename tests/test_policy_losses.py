@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from steer_megatron.loss.schema import ClipCovConfig, EntropyAdvConfig, KlCovConfig
 from steer_megatron.loss import (
     AGG_MODES, PolicyLossConfig, PolicyLossInputs, SteerConfig, aggregate, get_policy_loss, kl_penalty,
     policy_loss_names, register_policy_loss, steer_weights,
@@ -124,7 +125,7 @@ def test_entropy_reg_refuses_a_zero_coefficient_and_entropy_coeff_needs_entropy(
 
 def test_kl_cov_penalises_top_covariance_tokens():
     inp = _inputs(6, shape=(8, 64))
-    cfg = PolicyLossConfig(kl_cov_ratio=0.02, kl_cov_coef=1.0)
+    cfg = PolicyLossConfig(kl_cov=KlCovConfig(ratio=0.02, coef=1.0))
     loss, m = get_policy_loss("kl_cov")(inp, cfg)
     mask = inp.mask
     lp = inp.log_prob.detach()
@@ -163,7 +164,7 @@ def _clip_cov_reference_candidates(inp, lb, ub, clip_low, clip_high):
 def test_clip_cov_matches_the_reference_rule_and_draws_afresh_per_call():
     inp = _inputs(7, shape=(8, 64), spread=0.3)
     inp.advantages = inp.advantages * 20  # push covariances into the (lb, ub) band
-    cfg = PolicyLossConfig(clip_cov_ratio=0.05, clip_cov_lb=0.5, clip_cov_ub=50.0, seed=3, dual_clip_c=10.0)
+    cfg = PolicyLossConfig(clip_cov=ClipCovConfig(ratio=0.05, lb=0.5, ub=50.0), seed=3, dual_clip_c=10.0)
     cand = _clip_cov_reference_candidates(inp, 0.5, 50.0, 0.2, 0.28)
     n = int(inp.mask.sum())
     k = max(int(0.05 * n), 1)
@@ -195,8 +196,8 @@ def test_clip_cov_drops_one_token_of_a_small_micro_batch_and_ignores_dual_clip()
     token (int() alone gives 0 below 5,000 tokens, and Clip-Cov silently equals GRPO)."""
     inp = _inputs(12, shape=(4, 64), spread=0.3)
     inp.advantages = inp.advantages * 20
-    cfg = PolicyLossConfig(clip_cov_lb=0.5, clip_cov_ub=50.0, dual_clip_c=1.5)
-    assert cfg.clip_cov_ratio == 0.0002 and int(0.0002 * int(inp.mask.sum())) == 0
+    cfg = PolicyLossConfig(clip_cov=ClipCovConfig(lb=0.5, ub=50.0), dual_clip_c=1.5)
+    assert cfg.clip_cov.ratio == 0.0002 and int(0.0002 * int(inp.mask.sum())) == 0
     loss, m = get_policy_loss("clip_cov")(inp, cfg)
     assert m["clip_cov_frac"].item() * int(inp.mask.sum()) == pytest.approx(1.0)
     assert m["clipfrac_dual"].item() == 0.0  # the reference has no dual clip
@@ -204,13 +205,13 @@ def test_clip_cov_drops_one_token_of_a_small_micro_batch_and_ignores_dual_clip()
 
 def test_kl_cov_and_clip_cov_defaults_are_the_original_7b_scripts():
     cfg = PolicyLossConfig()
-    assert (cfg.kl_cov_ratio, cfg.kl_cov_coef) == (0.002, 1.0)
-    assert (cfg.clip_cov_ratio, cfg.clip_cov_lb, cfg.clip_cov_ub) == (0.0002, 1.0, 5.0)
+    assert (cfg.kl_cov.ratio, cfg.kl_cov.coef) == (0.002, 1.0)
+    assert (cfg.clip_cov.ratio, cfg.clip_cov.lb, cfg.clip_cov.ub) == (0.0002, 1.0, 5.0)
 
 
 def test_entropy_adv_shapes_advantage():
     inp = _inputs(8)
-    cfg = PolicyLossConfig(entropy_adv_alpha=0.4, entropy_adv_kappa=2.0, dual_clip_c=None)
+    cfg = PolicyLossConfig(entropy_adv=EntropyAdvConfig(alpha=0.4, kappa=2.0), dual_clip_c=None)
     loss, _ = get_policy_loss("entropy_adv")(inp, cfg)
     bonus = torch.minimum(0.4 * inp.entropy.detach(), inp.advantages.abs() / 2)
     ratio = (inp.log_prob - inp.old_log_prob).exp().detach()

@@ -35,6 +35,18 @@ READ_ELSEWHERE = {
     "algorithm.adv.gtpo_alpha2": "adv.estimator=gtpo (tests/test_objectives.py, tests/test_paper_grid.py)",
     "algorithm.adv.w_reinforce_lambda": "adv.estimator=w_reinforce (tests/test_paper_grid.py)",
     "data.max_response_len": "the default of rollout.max_new_tokens and eval.max_new_tokens (an interpolation)",
+    "algorithm.kl_type": "the KL estimate with kl_coef > 0 (tests/test_policy_losses.py, tests/test_trainer.py::test_kl_penalty_*)",
+    "algorithm.kl_cov.ratio": "policy_loss=kl_cov (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.kl_cov.coef": "policy_loss=kl_cov (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.clip_cov.ratio": "policy_loss=clip_cov (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.clip_cov.lb": "policy_loss=clip_cov (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.clip_cov.ub": "policy_loss=clip_cov (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.entropy_adv.alpha": "policy_loss=entropy_adv (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.entropy_adv.kappa": "policy_loss=entropy_adv (tests/test_policy_losses.py, tests/test_paper_grid.py)",
+    "algorithm.rollout_correction.level": "rollout_correction.mode != none (tests/test_objectives.py, tests/test_paper_grid.py)",
+    "algorithm.rollout_correction.upper": "rollout_correction.mode != none (tests/test_objectives.py, tests/test_paper_grid.py)",
+    "algorithm.rollout_correction.lower": "rollout_correction.mode icepop / mask (tests/test_objectives.py)",
+    "algorithm.steer.w_max": "steer.mapping=linear (tests/test_steer_weights.py)",
     "logging.wandb_project": "wandb runs",
     "logging.wandb_entity": "wandb runs",
 }
@@ -77,8 +89,10 @@ def _tracked_run(overrides, out_dir):
 
         def tracked(self, name, _prefix=prefix, _names=names, _get=object.__getattribute__):
             if name in _names:
-                caller = sys._getframe(1).f_globals.get("__name__", "")
-                if not caller.startswith(_NOT_A_USE):
+                frame = sys._getframe(1)
+                caller = frame.f_globals.get("__name__", "")
+                # a component's dataclass validating itself (__post_init__) is not a use either
+                if not caller.startswith(_NOT_A_USE) and frame.f_code.co_name != "__post_init__":
                     reads.add(_prefix + name)
             return _get(self, name)
 

@@ -1,4 +1,4 @@
-"""The closed loop's in-step trim (steer_megatron.diagnostics.step_trim): the line search on
+"""The closed loop's in-step trim (steer_megatron.algorithms.step_trim): the line search on
 synthetic plants whose answer is known, and the weight rescaling on real megatron-core actors
 (data-parallel, the distributed optimizer, bf16 with fp32 main copies), checked against the
 weights recorded before and after a real step and against an entropy computed from raw logits."""
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from steer_megatron.diagnostics.step_trim import next_trim_scale, search_step_scale
+from steer_megatron.algorithms.step_trim import next_trim_scale, search_step_scale
 
 VOCAB = 150
 
@@ -94,9 +94,9 @@ def trim_worker(distributed, bf16):
 
     from megatron.core import parallel_state as ps
 
-    from steer_megatron.diagnostics.controller import step_entropy_change
-    from steer_megatron.diagnostics.measure import _torch_optimizers
-    from steer_megatron.diagnostics.step_trim import StepTrim
+    from steer_megatron.algorithms.controller import step_entropy_change
+    from steer_megatron.train.optim import torch_optimizers as _torch_optimizers
+    from steer_megatron.algorithms.step_trim import StepTrim
     from steer_megatron.parallel import ParallelLayout, init_parallel
     from tests.tiny_gpt import build_tiny_gpt, plain_entropy, rl_batch
 

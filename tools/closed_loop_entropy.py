@@ -56,7 +56,7 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 def run_rank(cfg, hf_dir: str, data: str, args) -> list[dict]:
     import dataclasses
 
-    from steer_megatron.diagnostics import WMinController, step_entropy_change
+    from steer_megatron.algorithms.controller import WMinController, step_entropy_change
     from steer_megatron.models import build_gpt_model, iter_hf_weights, load_hf_weights, parse_hf_config
     from steer_megatron.parallel import ParallelLayout, init_parallel
     from steer_megatron.rollout.cpu_engine import CpuEngine

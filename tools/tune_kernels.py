@@ -34,7 +34,7 @@ def main(argv=None):
     from triton.testing import do_bench
 
     from steer_megatron.loss.kernels import triton_stats as T
-    from steer_megatron.loss.token_stats import _merge
+    from steer_megatron.loss.vocab_parallel import merge_stats as _merge
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16384, help="tokens")

@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -113,10 +114,10 @@ def _run_config(args):
 def _apply_flags(cfg, args) -> list[float]:
     if args.loss:
         cfg.algorithm.policy_loss = args.loss
-    if args.form:
-        cfg.algorithm.steer.form = args.form
+    if args.form:  # the loss's components are frozen dataclasses: replaced, not edited
+        cfg.algorithm.steer = dataclasses.replace(cfg.algorithm.steer, form=args.form)
     if args.w_min is not None:
-        cfg.algorithm.steer.w_min = args.w_min
+        cfg.algorithm.steer = dataclasses.replace(cfg.algorithm.steer, w_min=args.w_min)
     if args.adam_eps is not None:
         cfg.optim.eps = args.adam_eps
     if args.weight_decay is not None:

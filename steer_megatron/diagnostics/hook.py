@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from steer_megatron.config import RunConfig
-from steer_megatron.diagnostics.controller import WMinController, step_entropy_change
+from steer_megatron.algorithms.controller import WMinController, step_entropy_change
 from steer_megatron.diagnostics.entropy_change import EntropyChangeData
 from steer_megatron.diagnostics.measure import EntropyProbe
-from steer_megatron.diagnostics.step_trim import StepTrim, search_step_scale
+from steer_megatron.algorithms.step_trim import StepTrim, search_step_scale
 from steer_megatron.train.actor import ActorBatch, MegatronActor
 from steer_megatron.train.control import ControlPlane
 
@@ -76,9 +76,7 @@ class DiagnosticsHook:
         self.min_step_scale = d.closed_loop.min_step_scale
         if d.closed_loop.enabled:
             c = d.closed_loop
-            self.ctrl = WMinController(c.band[0], c.band[1], w_min_init=cfg.algorithm.steer.w_min,
-                                       w_min_bounds=tuple(c.w_min_bounds), gain=c.gain, max_step=c.max_step,
-                                       lr_scale_bounds=tuple(c.lr_scale_bounds))
+            self.ctrl = WMinController.from_config(c, w_min_init=cfg.algorithm.steer.w_min)
             if saved.get("controller"):
                 self.ctrl.load_state_dict(saved["controller"])
             actor.cfg = self.ctrl.actuate(actor.cfg)  # a resumed run continues its w_min and LR scale

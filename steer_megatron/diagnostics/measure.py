@@ -21,41 +21,11 @@ import torch
 
 from steer_megatron.diagnostics.entropy_change import EntropyChangeData, analyze, flat_metrics, omega_forms
 from steer_megatron.train.actor import ActorBatch, MegatronActor
+from steer_megatron.train.optim import torch_optimizers, trained_tensors
 
 
 def _clone(v):
     return v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
-
-
-def _torch_optimizers(optimizer) -> list:
-    """The megatron optimizer's underlying torch optimizers (one per chained sub-optimizer)."""
-    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
-
-
-def trained_tensors(actor: MegatronActor) -> list[torch.Tensor]:
-    """Every tensor an optimizer step writes, each piece of memory once: the model's parameters
-    (in megatron DDP's param buffer) and the optimizer's own parameters (fp32 main copies under
-    bf16). An optimizer parameter that is a view into a model parameter (the distributed
-    optimizer's shards of fp32 weights) is left out, so an in-place update is not applied twice."""
-    params = list(actor.model.parameters())
-    for opt in _torch_optimizers(actor.optimizer):
-        params += [p for g in opt.param_groups for p in g["params"]]
-    spans = {}
-    for p in params:
-        if not p.is_contiguous():
-            raise RuntimeError(f"a trained tensor of shape {tuple(p.shape)} is not contiguous; its memory span is unknown")
-        start = p.data_ptr()
-        spans.setdefault((p.device, start, start + p.numel() * p.element_size()), p)
-    kept, reach = [], {}
-    for device, start, end in sorted(spans, key=lambda k: (str(k[0]), k[1], -k[2])):
-        top = reach.get(device, -1)
-        if end <= top:  # inside memory already kept
-            continue
-        if start < top:
-            raise RuntimeError("two trained tensors overlap without one containing the other; cannot update them in place")
-        reach[device] = end
-        kept.append(spans[(device, start, end)])
-    return kept
 
 
 class TrainingSnapshot:
@@ -72,7 +42,7 @@ class TrainingSnapshot:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         self.actor = actor
-        self.opts = _torch_optimizers(actor.optimizer)
+        self.opts = torch_optimizers(actor.optimizer)
         self.params = [(p, p.detach().clone()) for p in trained_tensors(actor)]
         self.opt_state = [{p: {k: _clone(v) for k, v in s.items()} for p, s in opt.state.items()} for opt in self.opts]
         self.groups = [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.opts]
@@ -169,7 +139,7 @@ def measure_entropy_change(
         if lr is not None:
             _set_lr(actor, lr)
             stepper.scheduler = None  # keep the override out of the schedule's bookkeeping
-        used_lr = float(_torch_optimizers(actor.optimizer)[0].param_groups[0]["lr"])  # what step() applies
+        used_lr = float(torch_optimizers(actor.optimizer)[0].param_groups[0]["lr"])  # what step() applies
         metrics = stepper.update(work)
         after = _full_stats(actor, batch)
     finally:
@@ -192,7 +162,7 @@ def measure_entropy_change(
 
 
 def _set_lr(actor: MegatronActor, lr: float) -> None:
-    for opt in _torch_optimizers(actor.optimizer):
+    for opt in torch_optimizers(actor.optimizer):
         for g in opt.param_groups:
             g["lr"] = lr
 

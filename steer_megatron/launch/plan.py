@@ -32,7 +32,7 @@ from steer_megatron.models.hf_config import HFArch, parse_hf_config
 
 GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# The loss path's fp32 [chunk, V_local] temporaries (loss.token_stats.CHUNK_BYTES each, a few alive).
+# The loss path's fp32 [chunk, V_local] temporaries (loss.vocab_parallel.CHUNK_BYTES each, a few alive).
 _LOSS_TEMPS = 4 * (64 << 20)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from steer_megatron.loss.schema import AGG_MODES
 
 
 def aggregate(

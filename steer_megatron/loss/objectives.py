@@ -27,6 +27,7 @@ from steer_megatron.loss.policy_losses import (
     masked_max,
     masked_mean,
     register_policy_loss,
+    steer_needs,
 )
 from steer_megatron.loss.steer import omega, weights_from_omega
 
@@ -72,7 +73,7 @@ def _steer_weighted(inp: PolicyLossInputs, cfg: PolicyLossConfig, loss, no_grad,
         raise ValueError(f"steer form {sc.form!r} needs old_entropy (the old policy's entropy from the old-log-prob pass)")
     om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.old_entropy, form=sc.form, clip_mask=no_grad)
     mask = inp.mask.bool()
-    w = weights_from_omega(om.abs(), mask, sc, dp_group=inp.dp_group)
+    w = weights_from_omega(om.abs(), mask, sc, dp_group=inp.dp_group, omega_range=inp.omega_range)
     metrics.update(omega_mean=masked_mean(om, mask), omega_absmax=masked_max(om.abs(), mask),
                    weight_mean=masked_mean(w, mask), weight_min=-masked_max(-w, mask), weight_max=masked_max(w, mask))
     return loss * w, metrics
@@ -90,12 +91,12 @@ def _cispo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return loss, metrics
 
 
-@register_policy_loss("steer_gspo")
+@register_policy_loss("steer_gspo", needs=steer_needs)
 def _steer_gspo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return _steer_weighted(inp, cfg, *_gspo_terms(inp, cfg))
 
 
-@register_policy_loss("steer_cispo")
+@register_policy_loss("steer_cispo", needs=steer_needs)
 def _steer_cispo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return _steer_weighted(inp, cfg, *_cispo_terms(inp, cfg))
 

@@ -8,77 +8,17 @@ detached 0-dim tensors, so nothing in here forces a host sync; log them once per
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from steer_megatron.loss.aggregation import AGG_MODES, aggregate
-from steer_megatron.loss.rollout_correction import RolloutCorrection, correction
-from steer_megatron.loss.steer import SteerConfig, omega, weights_from_omega
+from steer_megatron.loss.aggregation import aggregate
+from steer_megatron.loss.rollout_correction import correction
+from steer_megatron.loss.schema import KL_TYPES, PolicyLossConfig
+from steer_megatron.loss.steer import old_policy_omega_range, omega, weights_from_omega
 
 _LOG_RATIO_CAP = 20.0  # exp(20) already saturates every clip; keeps inf out of the graph
-KL_TYPES = ("k1", "k3")
-
-
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip_c: float | None = 10.0  # None disables dual clip
-    loss_agg_mode: str = "token-mean"
-    steer: SteerConfig = field(default_factory=SteerConfig)
-    kl_coef: float = 0.0  # KL to a reference policy; 0 disables (the paper uses none)
-    kl_type: str = "k3"
-    # -coef * H (with gradient, aggregated like the policy loss) added to every loss, as the STEER
-    # release does; `entropy_reg` (PPO clip + this bonus) refuses 0
-    entropy_coeff: float = 0.0
-    # `kl_cov` and `clip_cov` (Cui et al. 2025): the original 7B scripts' values
-    # (PRIME-RL/Entropy-Mechanism-of-RL recipe/dapo/7b_kl_cov.sh: k_percent 0.2 %, ppo_kl_coef 1;
-    # 7b_clip_cov.sh: clip_cov_ratio 0.0002, lb 1, ub 5)
-    kl_cov_ratio: float = 0.002
-    kl_cov_coef: float = 1.0
-    clip_cov_ratio: float = 0.0002
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    entropy_adv_alpha: float = 0.4  # `entropy_adv` (Cheng et al. 2025)
-    entropy_adv_kappa: float = 2.0
-    tis_cap: float | None = None  # truncated importance sampling vs rollout log-probs
-    # TIS / IcePop / masked IS vs rollout log-probs (loss.rollout_correction); tis_cap is its token-truncate case
-    rollout_correction: RolloutCorrection = field(default_factory=RolloutCorrection)
-    prob_threshold: float = 0.5  # high/low-probability split for the quadrant counts
-    seed: int = 0  # the run seed: clip_cov's random token choice draws from (seed, PolicyLossInputs.draw_key)
-
-    def __post_init__(self):
-        if not (0 <= self.clip_low <= 1 and self.clip_high >= 0):
-            raise ValueError(f"clip_low={self.clip_low} must be in [0, 1] and clip_high={self.clip_high} >= 0")
-        if not (0 < self.kl_cov_ratio <= 1 and 0 < self.clip_cov_ratio <= 1 and self.clip_cov_lb < self.clip_cov_ub):
-            raise ValueError(f"kl_cov_ratio={self.kl_cov_ratio} and clip_cov_ratio={self.clip_cov_ratio} must be in (0, 1] "
-                             f"and clip_cov_lb={self.clip_cov_lb} < clip_cov_ub={self.clip_cov_ub}")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
-            raise ValueError(f"dual_clip_c={self.dual_clip_c} must be > 1 (or None to disable dual clip)")
-        if self.loss_agg_mode not in AGG_MODES:
-            raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}: choose one of {AGG_MODES}")
-        if self.kl_type not in KL_TYPES:
-            raise ValueError(f"kl_type={self.kl_type!r}: choose one of {KL_TYPES}")
-        if self.entropy_coeff < 0:
-            raise ValueError(f"entropy_coeff={self.entropy_coeff} must be >= 0 (0 = no entropy bonus)")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis_cap={self.tis_cap} must be > 0 (or None to disable)")
-        if isinstance(self.steer, dict):  # convenience for configs built from plain dicts
-            object.__setattr__(self, "steer", SteerConfig(**self.steer))
-        if isinstance(self.rollout_correction, dict):
-            object.__setattr__(self, "rollout_correction", RolloutCorrection(**self.rollout_correction))
-        if self.tis_cap is not None and self.rollout_correction.mode != "none":
-            raise ValueError(f"tis_cap={self.tis_cap} and rollout_correction.mode={self.rollout_correction.mode!r} both "
-                             f"correct for the rollout policy: use one (tis_cap = mode 'truncate', level 'token')")
-
-    @property
-    def correction(self) -> RolloutCorrection:
-        """The rollout correction in force (tis_cap spelled as token-level truncation)."""
-        if self.tis_cap is not None:
-            return RolloutCorrection(mode="truncate", level="token", upper=self.tis_cap)
-        return self.rollout_correction
 
 
 @dataclass
@@ -104,17 +44,42 @@ class PolicyLossInputs:
 
 
 PerTokenLoss = Callable[[PolicyLossInputs, PolicyLossConfig], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a policy loss needs computed for it beyond log_prob, entropy, old_log_prob, old_entropy
+    and advantages, declared at registration so the actor asks the loss instead of naming it."""
+
+    p2_stats: bool = False  # sum_p2 / sum_p2_logp of the current policy in every micro-batch
+    old_p2_stats: bool = False  # the same from the old-log-prob pass, kept on the batch (old_sum_p2)
+    # computed once per mini-batch before its micro-batches run, from the old pass's values of the
+    # whole mini-batch (PolicyLossInputs with log_prob = old_log_prob, sum_p2 = old_sum_p2, and the
+    # DP group: collective over it); handed to every micro-batch's loss as PolicyLossInputs.omega_range
+    mini_batch_stat: Callable[[PolicyLossInputs, PolicyLossConfig], torch.Tensor] | None = None
+
+
 _REGISTRY: dict[str, PerTokenLoss] = {}
+_NEEDS: dict[str, Callable[[PolicyLossConfig], LossNeeds]] = {}
 
 
-def register_policy_loss(name: str):
+def register_policy_loss(name: str, *, needs: Callable[[PolicyLossConfig], LossNeeds] | None = None):
+    """Register a per-token loss; `needs(cfg)` says what it needs at those settings (default: nothing more)."""
     def deco(fn: PerTokenLoss) -> PerTokenLoss:
         if name in _REGISTRY:
             raise ValueError(f"policy loss {name!r} is already registered")
         _REGISTRY[name] = fn
+        _NEEDS[name] = needs or (lambda cfg: LossNeeds())
         return fn
 
     return deco
+
+
+def loss_needs(name: str, cfg: PolicyLossConfig) -> LossNeeds:
+    """What the named loss needs computed for it at the settings `cfg`."""
+    if name not in _NEEDS:
+        raise KeyError(f"unknown policy loss {name!r}; registered: {policy_loss_names()}")
+    return _NEEDS[name](cfg)
 
 
 def policy_loss_names() -> list[str]:
@@ -164,7 +129,25 @@ def _grpo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return loss, metrics
 
 
-@register_policy_loss("steer")
+def old_policy_range(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> torch.Tensor:
+    """steer.group=mini_batch: [min, max] |Omega| of the whole mini-batch (every DP rank) at the old policy."""
+    if inp.old_entropy is None or (cfg.steer.form == "exact" and inp.sum_p2 is None):
+        raise ValueError("steer.group=mini_batch takes min/max |Omega| from the old-log-prob pass: run "
+                         "MegatronActor.old_pass(batch) (it fills old_entropy and, for form=exact, old_sum_p2)")
+    return old_policy_omega_range(inp.advantages, inp.old_log_prob, inp.old_entropy, inp.mask, form=cfg.steer.form,
+                                  sum_p2=inp.sum_p2, sum_p2_logp=inp.sum_p2_logp, dp_group=inp.dp_group)
+
+
+def steer_needs(cfg: PolicyLossConfig) -> LossNeeds:
+    """STEER's inputs: the current sum p^2 terms for the exact form, and with group=mini_batch the
+    old-policy range of |Omega| over the mini-batch (plus the old pass's sum p^2 terms for exact)."""
+    s = cfg.steer
+    whole = s.group == "mini_batch"
+    return LossNeeds(p2_stats=s.form == "exact", old_p2_stats=whole and s.form == "exact",
+                     mini_batch_stat=old_policy_range if whole else None)
+
+
+@register_policy_loss("steer", needs=steer_needs)
 def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     ratio = _ratio(inp)
     loss, clipped, metrics = _ppo_clip(inp.advantages, ratio, inp.mask, cfg)
@@ -210,18 +193,18 @@ def _centred_cov(inp: PolicyLossInputs) -> torch.Tensor:
 
 @register_policy_loss("kl_cov")
 def _kl_cov(inp: PolicyLossInputs, cfg: PolicyLossConfig):
-    """Unclipped PG; a KL penalty |log p - log p_old| on the top kl_cov_ratio tokens by covariance."""
+    """Unclipped PG; a KL penalty |log p - log p_old| on the top kl_cov.ratio tokens by covariance."""
     ratio = _ratio(inp)
     mask = inp.mask.bool()
     loss = -inp.advantages * ratio
     cov = torch.where(mask, _centred_cov(inp), torch.full_like(ratio, -torch.inf)).flatten()
     n_valid = int(mask.sum())  # this baseline needs a count to pick k tokens
-    k = min(n_valid, max(1, int(n_valid * cfg.kl_cov_ratio))) if n_valid else 0
+    k = min(n_valid, max(1, int(n_valid * cfg.kl_cov.ratio))) if n_valid else 0
     chosen = torch.zeros_like(cov, dtype=torch.bool)
     if k:
         chosen[cov.topk(k).indices] = True
     chosen = chosen.view_as(ratio)
-    penalty = cfg.kl_cov_coef * (inp.log_prob - inp.old_log_prob.detach()).abs()
+    penalty = cfg.kl_cov.coef * (inp.log_prob - inp.old_log_prob.detach()).abs()
     loss = torch.where(chosen, loss + penalty, loss)
     return loss, {"kl_cov_frac": masked_mean(chosen.float(), mask)}
 
@@ -241,8 +224,8 @@ def _clip_cov(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     mask = inp.mask.bool()
     loss, clipped, metrics = _ppo_clip(inp.advantages, ratio, mask, replace(cfg, dual_clip_c=None))
     cov = _centred_cov(inp)
-    band = mask & ~clipped & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
-    k = max(int(cfg.clip_cov_ratio * int(mask.sum())), 1)  # this baseline needs a count to pick k tokens
+    band = mask & ~clipped & (cov > cfg.clip_cov.lb) & (cov < cfg.clip_cov.ub)
+    k = max(int(cfg.clip_cov.ratio * int(mask.sum())), 1)  # this baseline needs a count to pick k tokens
     cand = band.flatten().nonzero().squeeze(-1)
     drop = torch.zeros(band.numel(), dtype=torch.bool, device=band.device)
     if cand.numel():
@@ -259,7 +242,7 @@ def _entropy_adv(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     """Advantage shaped by entropy: A + min(alpha * H, |A| / kappa), H detached."""
     if inp.entropy is None:
         raise ValueError("entropy_adv needs the current policy's entropy from token_stats")
-    bonus = torch.minimum(cfg.entropy_adv_alpha * inp.entropy.detach(), inp.advantages.abs() / cfg.entropy_adv_kappa)
+    bonus = torch.minimum(cfg.entropy_adv.alpha * inp.entropy.detach(), inp.advantages.abs() / cfg.entropy_adv.kappa)
     loss, _, metrics = _ppo_clip(inp.advantages + bonus, _ratio(inp), inp.mask, cfg)
     metrics["entropy_adv_bonus"] = masked_mean(bonus, inp.mask.bool())
     return loss, metrics

@@ -16,37 +16,11 @@ token and sequence rejection) and G-Core's off-policy correction (the mask / ice
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-MODES = ("none", "truncate", "icepop", "mask")
-LEVELS = ("token", "sequence", "geometric")
+from steer_megatron.loss.schema import CORRECTION_LEVELS as LEVELS, CORRECTION_MODES as MODES, RolloutCorrection
+
 _SAFETY = 20.0  # exp(+-20): weights far past any band, no inf
-
-
-@dataclass(frozen=True)
-class RolloutCorrection:
-    mode: str = "none"
-    level: str = "token"
-    upper: float = 2.0
-    lower: float | None = None  # icepop / mask band; None = 1 / upper
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"rollout_correction.mode={self.mode!r}: choose one of {MODES}")
-        if self.level not in LEVELS:
-            raise ValueError(f"rollout_correction.level={self.level!r}: choose one of {LEVELS}")
-        if not self.upper > 0 or (self.lower is not None and not 0 < self.lower <= self.upper):
-            raise ValueError(f"rollout_correction band lower={self.lower}, upper={self.upper}: need 0 < lower <= upper")
-
-    @property
-    def band(self) -> tuple[float, float]:
-        return (1.0 / self.upper if self.lower is None else self.lower), self.upper
-
-    @property
-    def drops_tokens(self) -> bool:
-        return self.mode == "mask"
 
 
 def log_ratio(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:

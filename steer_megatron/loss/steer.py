@@ -16,46 +16,12 @@ change; weights use |Omega|.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-FORMS = ("release", "paper", "exact")
-MAPPINGS = ("exp", "linear")
-# Over which tokens min/max |Omega| (the weights' normalisation) are taken:
-#   micro_batch: the valid tokens of the local micro-batch, at the current policy (as released);
-#   dp:          those of the micro-batches that run at the same time on every DP rank (one all-reduce);
-#   mini_batch:  every valid token of the whole mini-batch on every DP rank, from the old-policy
-#                pass, computed once before the update (omega_range): the weights then do not
-#                depend on how the mini-batch is split into micro-batches or DP ranks.
-GROUPS = ("micro_batch", "dp", "mini_batch")
-OMEGA_FLOOR = 0.02  # the release's floor on max|Omega| for the exp mapping
+from steer_megatron.loss.schema import FORMS, GROUPS, MAPPINGS, OMEGA_FLOOR, SteerConfig  # noqa: F401 (re-exported)
+
 _P_EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class SteerConfig:
-    form: str = "release"
-    mapping: str = "exp"
-    w_min: float = 0.8
-    w_max: float = 1.0
-    group: str = "micro_batch"  # over which tokens min/max |Omega| are taken (GROUPS)
-    omega_floor: float = OMEGA_FLOOR  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
-
-    def __post_init__(self):
-        if self.form not in FORMS:
-            raise ValueError(f"steer.form={self.form!r}: choose one of {FORMS}")
-        if self.mapping not in MAPPINGS:
-            raise ValueError(f"steer.mapping={self.mapping!r}: choose one of {MAPPINGS}")
-        if self.group not in GROUPS:
-            raise ValueError(f"steer.group={self.group!r}: choose one of {GROUPS}")
-        if not 0 < self.w_min <= self.w_max:
-            raise ValueError(f"steer.w_min={self.w_min}, steer.w_max={self.w_max}: need 0 < w_min <= w_max")
-        if self.omega_floor <= 0:
-            raise ValueError(f"steer.omega_floor={self.omega_floor} must be > 0")
-        if self.mapping == "exp" and self.w_min > 1:
-            raise ValueError(f"steer.w_min={self.w_min}: the exp mapping needs w_min <= 1 (weights lie in [w_min, 1])")
 
 
 def omega(

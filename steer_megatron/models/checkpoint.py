@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,59 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict[str, Any]:
         sd["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return sd
+
+
+def _placeholder_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam holds no per-parameter state until its first step, and megatron-core
+    0.16's distributed optimizer reads each parameter's 'step' from that state when it builds the
+    template to load into (DistributedOptimizer.state_dict asserts one step value). Megatron's own
+    training loop fills the state with placeholders before loading; so do we: zero moments and
+    step 0, all overwritten by the checkpoint's values (load_state_dict sets the saved step)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer) or sub.init_state_fn is None:
+            continue
+        sub.init_state_fn(sub.optimizer, sub.config)
+        for group in sub.optimizer.param_groups:
+            for p in group["params"]:
+                sub.optimizer.state[p].setdefault("step", torch.tensor(0.0))
+
+
+@contextmanager
+def _step_kept_through_param_load(optimizer):
+    """megatron-core 0.16's fully_reshardable loader copies every key of a parameter's optimizer
+    state from the checkpoint's, which leaves out 'step' (restored from the param groups just
+    before), so a torch Adam's per-parameter 'step' raises KeyError. For the load only, this
+    optimizer object's setter is given each parameter's own (already restored) step to copy onto
+    itself, and each parameter gets its own step tensor after; megatron's code is unchanged."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+
+        def setter(model_param, tensors, _sub=sub, _set=sub._set_main_param_and_optimizer_states):
+            gi, go = _sub.model_param_group_index_map[model_param]
+            own = _sub.optimizer.state[_sub.optimizer.param_groups[gi]["params"][go]]
+            if "step" in own and "step" not in tensors:
+                tensors = {**tensors, "step": own["step"]}
+            _set(model_param, tensors)
+
+        sub._set_main_param_and_optimizer_states = setter
+        patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states
+    for sub in patched:
+        # the loader gives every parameter the same step tensor, and torch Adam increments each
+        # parameter's step in place: one tensor would count every parameter's update
+        for st in sub.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
 
 
 def _gpt(model) -> torch.nn.Module:
@@ -309,11 +363,14 @@ def load_checkpoint(
     use_opt = optimizer is not None and load_optimizer
     if use_opt and not meta.has_optimizer:
         raise ValueError(f"{ckpt} has no optimizer state; pass load_optimizer=False to load the model only")
+    if use_opt:
+        _placeholder_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state_dict(model, optimizer if use_opt else None, is_loading=True),
                                     os.path.join(ckpt, "dist"))
     _gpt(_chunks(model)[0]).load_state_dict(state["model"], strict=True)
     if use_opt:
-        optimizer.load_state_dict(state["optimizer"])
+        with _step_kept_through_param_load(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
     if load_rng:
         rng = _rng_file(ckpt)
         if meta.layout == _layout() and os.path.exists(rng):

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from steer_megatron.models.hf_import import unwrap
 from steer_megatron.models.layout import hf_shapes, is_te_model, merge_tp, plan
 
 Dst = Literal["rank0", "stage"]
+T = TypeVar("T")
 
 
 def _gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
@@ -112,18 +113,23 @@ def iter_hf_buckets(model, bucket_bytes: int, arch: HFArch | None = None, *, dst
     yield from bucketize(iter_hf_weights(model, arch, dst=dst, dtype=dtype), bucket_bytes)
 
 
-def bucketize(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def bucketize(items: Iterable[T], bucket_bytes: int, size: Callable[[T], int] | None = None) -> Iterator[list[T]]:
+    """Greedy, order-preserving buckets of at most bucket_bytes: a bucket closes before the item
+    that would overflow it, and an item larger than bucket_bytes travels alone. The one bucketer
+    of the export (iter_hf_buckets) and the weight-sync transports. size(item) -> bytes; default:
+    the tensor of a (name, tensor) pair."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+    size = size or (lambda item: item[1].numel() * item[1].element_size())
+    bucket: list[T] = []
+    used = 0
+    for item in items:
+        nbytes = size(item)
+        if bucket and used + nbytes > bucket_bytes:
             yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
+            bucket, used = [], 0
+        bucket.append(item)
+        used += nbytes
     if bucket:
         yield bucket
 
@@ -160,6 +166,7 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     progress=None,
+    check_names: bool = True,
 ) -> dict[str, str]:
     """Write (hf_name, tensor) pairs as sharded safetensors + index + config files, atomically.
 
@@ -168,7 +175,8 @@ def save_hf_checkpoint(
     sibling temp dir that is renamed to out_dir at the end: a crash never leaves a
     half-written out_dir. Tokenizer files and generation_config.json
     are copied from source_dir when given. Returns the weight map (name -> shard file).
-    `progress`: optional callable(name, nbytes) called per tensor.
+    `progress`: optional callable(name, nbytes) called per tensor. check_names: every tensor of the
+    architecture, and nothing else (False: any names; a loader checks them).
     """
     from steer_megatron.models.st_io import ShardWriter
 
@@ -179,7 +187,7 @@ def save_hf_checkpoint(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
     try:
-        expected = set(hf_shapes(arch))
+        expected = set(hf_shapes(arch)) if check_names else None
         writer: ShardWriter | None = None
         shard_files: list[tuple[str, list[str]]] = []
         weight_map: dict[str, str] = {}
@@ -193,7 +201,7 @@ def save_hf_checkpoint(
                 writer = None
 
         for name, t in tensors:
-            if name not in expected:
+            if expected is not None and name not in expected:
                 raise ValueError(f"exporter produced unexpected tensor {name!r}")
             if name in weight_map:
                 raise ValueError(f"exporter produced {name!r} twice")
@@ -208,7 +216,7 @@ def save_hf_checkpoint(
             if progress is not None:
                 progress(name, nbytes)
         flush()
-        missing = sorted(expected - set(weight_map))
+        missing = sorted(expected - set(weight_map)) if expected is not None else []
         if missing:
             raise ValueError(f"exporter did not produce {len(missing)} tensors, e.g. {missing[:5]}")
         # Final HF names need the shard count, known only now.

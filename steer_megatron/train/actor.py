@@ -20,9 +20,9 @@ from steer_megatron.loss import (
     TokenStats,
     fused_linear_token_stats,
     get_policy_loss,
-    old_policy_omega_range,
     token_stats,
 )
+from steer_megatron.loss.policy_losses import loss_needs
 from steer_megatron.train.balance import balanced_order, row_lengths
 from steer_megatron.train.packing import PackedMicroBatch, pack, plan_micro_batches, sequence_lengths
 
@@ -418,34 +418,35 @@ class MegatronActor:
             result[k] = full
         return result
 
-    def _needs_old_p2(self) -> bool:
-        s = self.cfg.loss.steer
-        return self.cfg.policy_loss == "steer" and s.group == "mini_batch" and s.form == "exact"
+    def needs(self):
+        """What the loss declared it needs at the current settings (policy_losses.LossNeeds); asked
+        where used, since cfg can change between steps (the closed loop moves w_min)."""
+        return loss_needs(self.cfg.policy_loss, self.cfg.loss)
 
     def old_pass(self, batch: ActorBatch) -> None:
-        """The old-log-prob pass: fills batch.old_log_prob and old_entropy (and, when STEER's exact
-        form takes its group's range over the mini-batch, old_sum_p2 / old_sum_p2_logp) on the last stage."""
-        st = self._stats(batch, self._needs_old_p2())
+        """The old-log-prob pass: fills batch.old_log_prob and old_entropy (and old_sum_p2 /
+        old_sum_p2_logp when the loss declares old_p2_stats) on the last stage."""
+        old_p2 = self.needs().old_p2_stats
+        st = self._stats(batch, old_p2)
         if st is None:
             return
         batch.old_log_prob, batch.old_entropy = st["logprob"], st["entropy"]
-        if self._needs_old_p2():
+        if old_p2:
             batch.old_sum_p2, batch.old_sum_p2_logp = st["sum_p2"], st["sum_p2_logp"]
 
-    def _omega_range(self, mini: ActorBatch):
-        """steer.group=mini_batch: [min, max] |Omega| of the whole mini-batch on every DP rank, at the old policy."""
+    def _mini_batch_stat(self, mini: ActorBatch):
+        """The loss's per-mini-batch statistic (LossNeeds.mini_batch_stat; STEER's group=mini_batch
+        range of |Omega|) from the old pass's values of the whole mini-batch on every DP rank."""
         from megatron.core import parallel_state as ps
 
-        s = self.cfg.loss.steer
-        if self.cfg.policy_loss != "steer" or s.group != "mini_batch" or not _is_last_stage():
+        stat = self.needs().mini_batch_stat
+        if stat is None or not _is_last_stage():
             return None
-        if mini.old_entropy is None or (s.form == "exact" and mini.old_sum_p2 is None):
-            raise ValueError("steer.group=mini_batch takes min/max |Omega| from the old-log-prob pass: run "
-                             "MegatronActor.old_pass(batch) (it fills old_entropy and, for form=exact, old_sum_p2)")
         group = ps.get_data_parallel_group() if dist.is_initialized() else None
-        return old_policy_omega_range(mini.advantages, mini.old_log_prob, mini.old_entropy, mini.loss_mask,
-                                      form=s.form, sum_p2=mini.old_sum_p2, sum_p2_logp=mini.old_sum_p2_logp,
-                                      dp_group=group)
+        old = PolicyLossInputs(log_prob=mini.old_log_prob, old_log_prob=mini.old_log_prob, advantages=mini.advantages,
+                               mask=mini.loss_mask, old_entropy=mini.old_entropy, sum_p2=mini.old_sum_p2,
+                               sum_p2_logp=mini.old_sum_p2_logp, dp_group=group)
+        return stat(old, self.cfg.loss)
 
     # -- update -------------------------------------------------------------------------------
     def _global_tokens(self, mini: ActorBatch) -> torch.Tensor:
@@ -472,7 +473,7 @@ class MegatronActor:
             # masked IS drops tokens before the token count of each mini-batch is taken (the loss drops them again)
             batch = replace(batch, loss_mask=keep_mask(batch.old_log_prob, batch.rollout_log_prob, batch.loss_mask,
                                                        cfg.loss.correction))
-        form = cfg.loss.steer.form if cfg.policy_loss == "steer" else None
+        p2_stats = self.needs().p2_stats
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         sums: dict[str, float] = {}
         batching: dict[str, float] = {}
@@ -492,11 +493,11 @@ class MegatronActor:
                 # micro_batch keeps both: each micro-batch's own token-mean, averaged, as released.)
                 normalizer = self._global_tokens(mini) if token_mean else None
                 scale = n_micro * dp if token_mean else 1
-                omega_range = self._omega_range(mini)
+                omega_range = self._mini_batch_stat(mini)
                 micro_index = iter(range(n_micro))
 
                 def loss_func(mb, logits):
-                    st = self.micro_batch_stats(logits, mb, p2_stats=form == "exact")
+                    st = self.micro_batch_stats(logits, mb, p2_stats=p2_stats)
                     inp = PolicyLossInputs(
                         log_prob=st.logprob, old_log_prob=mb.old_log_prob, advantages=mb.advantages,
                         mask=mb.loss_mask, entropy=st.entropy, old_entropy=mb.old_entropy,

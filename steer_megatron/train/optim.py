@@ -61,3 +61,34 @@ def wrap_for_training(model: torch.nn.Module, settings: OptimSettings):
         start_wd=settings.weight_decay, end_wd=settings.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
     )
     return ddp, optimizer, scheduler
+
+
+def torch_optimizers(optimizer) -> list:
+    """The megatron optimizer's underlying torch optimizers (one per chained sub-optimizer)."""
+    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def trained_tensors(actor) -> list[torch.Tensor]:
+    """Every tensor an optimizer step writes, each piece of memory once: the model's parameters
+    (in megatron DDP's param buffer) and the optimizer's own parameters (fp32 main copies under
+    bf16). An optimizer parameter that is a view into a model parameter (the distributed
+    optimizer's shards of fp32 weights) is left out, so an in-place update is not applied twice."""
+    params = list(actor.model.parameters())
+    for opt in torch_optimizers(actor.optimizer):
+        params += [p for g in opt.param_groups for p in g["params"]]
+    spans = {}
+    for p in params:
+        if not p.is_contiguous():
+            raise RuntimeError(f"a trained tensor of shape {tuple(p.shape)} is not contiguous; its memory span is unknown")
+        start = p.data_ptr()
+        spans.setdefault((p.device, start, start + p.numel() * p.element_size()), p)
+    kept, reach = [], {}
+    for device, start, end in sorted(spans, key=lambda k: (str(k[0]), k[1], -k[2])):
+        top = reach.get(device, -1)
+        if end <= top:  # inside memory already kept
+            continue
+        if start < top:
+            raise RuntimeError("two trained tensors overlap without one containing the other; cannot update them in place")
+        reach[device] = end
+        kept.append(spans[(device, start, end)])
+    return kept

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from steer_megatron.config import RunConfig
-from steer_megatron.loss import PolicyLossConfig, SteerConfig
-from steer_megatron.loss.rollout_correction import RolloutCorrection
+from steer_megatron.loss.schema import PolicyLossConfig, policy_loss_config_from
 from steer_megatron.models.hf_export import DTYPES
 from steer_megatron.train.optim import OptimSettings
 
@@ -23,18 +22,8 @@ def model_settings(cfg: RunConfig) -> dict:
 
 
 def policy_loss_config(cfg: RunConfig) -> PolicyLossConfig:
-    a = cfg.algorithm
-    return PolicyLossConfig(
-        clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c, loss_agg_mode=a.loss_agg_mode,
-        kl_coef=a.kl_coef, tis_cap=a.tis_cap, seed=cfg.trainer.seed,
-        rollout_correction=RolloutCorrection(mode=a.rollout_correction.mode, level=a.rollout_correction.level,
-                                             upper=a.rollout_correction.upper, lower=a.rollout_correction.lower),
-        steer=SteerConfig(form=a.steer.form, mapping=a.steer.mapping, w_min=a.steer.w_min, w_max=a.steer.w_max,
-                          group=a.steer.group, omega_floor=a.steer.omega_floor),
-        entropy_coeff=a.entropy_coeff,
-        kl_cov_ratio=a.kl_cov.ratio, kl_cov_coef=a.kl_cov.coef,
-        clip_cov_ratio=a.clip_cov.ratio, clip_cov_lb=a.clip_cov.lb, clip_cov_ub=a.clip_cov.ub,
-    )
+    """algorithm.* -> the loss's settings: the same component dataclasses, passed whole (loss/schema.py)."""
+    return policy_loss_config_from(cfg.algorithm, seed=cfg.trainer.seed)
 
 
 def optim_settings(cfg: RunConfig) -> OptimSettings:

@@ -26,18 +26,18 @@ from typing import Callable
 
 import torch
 
-from steer_megatron.loss.token_stats import (
-    TokenStats,
-    _combine,
-    _grad_torch,
-    _local_stats,
-    _raise_on_bad_values,
-    _tp_rank_world,
-    _valid_columns,
+from steer_megatron.loss.token_stats import TokenStats
+from steer_megatron.loss.vocab_parallel import (
     check_vocab_size,
+    combine_stats as _combine,
     default_chunk_tokens,
+    grad_logits_torch as _grad_torch,
+    local_stats as _local_stats,
     merge_across_ranks,
     padding_only_stats,
+    raise_on_bad_values as _raise_on_bad_values,
+    tp_rank_world as _tp_rank_world,
+    valid_columns as _valid_columns,
 )
 
 BLOCK_BYTES = 64 << 20  # one [N, block] logits block

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from steer_megatron.loss.token_stats import padding_only_stats
+from steer_megatron.loss.vocab_parallel import padding_only_stats
 
 # Tile sizes (columns per loop step, warps per program), forward and backward separately:
 # tools/tune_kernels.py's winners on an H200 (2026-11-27, N = 16,384, V = 152,064 and 38,016;

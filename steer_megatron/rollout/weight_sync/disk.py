@@ -4,13 +4,9 @@ filesystem, and a restarted worker can start straight from the newest checkpoint
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
-
-from safetensors.torch import save_file
 
 from steer_megatron.rollout.weight_sync.base import (
     NamedTensors, ParityProbe, WeightSource, WeightSync, WeightSyncError, named_tensors,
@@ -19,69 +15,25 @@ from steer_megatron.rollout.weight_sync.base import (
 if TYPE_CHECKING:
     from steer_megatron.rollout.fleet import Fleet
 
-# Files copied from the source model dir next to the weights (config, tokenizer, chat template).
-_SIDECARS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
-
 
 def write_hf_checkpoint(tensors: NamedTensors, out_dir: Path, source_dir: Path, shard_bytes: int = 2 << 30) -> tuple[Path, int]:
-    """Sharded safetensors + model.safetensors.index.json + config/tokenizer from source_dir,
-    written to a temp dir and renamed into place, so a reader sees all of it or nothing.
-    Returns (out_dir, total bytes of tensors)."""
+    """Sharded safetensors + model.safetensors.index.json + config/tokenizer from source_dir, written
+    by the project's one HF checkpoint writer (models.hf_export.save_hf_checkpoint: streamed tensor
+    by tensor, renamed into place, so a reader sees all of it or nothing). The names are not
+    checked here: the worker's load is strict. Returns (out_dir, total bytes of tensors)."""
+    from steer_megatron.models.hf_config import parse_hf_config
+    from steer_megatron.models.hf_export import save_hf_checkpoint
+
     out_dir, source_dir = Path(out_dir), Path(source_dir)
     if not (source_dir / "config.json").exists():
         raise FileNotFoundError(f"{source_dir}/config.json is missing: pass the HF model dir the weights belong to")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        total = _write_shards(tensors, tmp, source_dir, shard_bytes)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir, total
-
-
-def _write_shards(tensors: NamedTensors, tmp: Path, source_dir: Path, shard_bytes: int) -> int:
-    shards: list[list[str]] = []
-    seen: set[str] = set()
-    total, current, current_bytes = 0, {}, 0
-
-    def flush() -> None:
-        nonlocal current, current_bytes
-        if current:
-            save_file(current, str(tmp / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            shards.append(list(current))
-            current, current_bytes = {}, 0
-
-    for name, tensor in tensors:
-        if name in seen:
-            raise WeightSyncError(f"tensor {name!r} appears twice in the exported weights")
-        seen.add(name)
-        # clone: safetensors refuses tensors sharing storage (tied embeddings, views)
-        t = tensor.detach().to("cpu").contiguous().clone()
-        size = t.numel() * t.element_size()
-        if current and current_bytes + size > shard_bytes:
-            flush()
-        current[name] = t
-        current_bytes += size
-        total += size
-    flush()
-    if not shards:
+    sizes: list[int] = []
+    save_hf_checkpoint(tensors, out_dir, parse_hf_config(source_dir), source_dir=source_dir, max_shard_bytes=shard_bytes,
+                       overwrite=True, progress=lambda _name, n: sizes.append(n), check_names=False)
+    if not sizes:
+        shutil.rmtree(out_dir, ignore_errors=True)
         raise WeightSyncError("no tensors to export: the weight source was empty")
-    weight_map = {}
-    for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (tmp / f"shard-{i:05d}.safetensors").rename(tmp / final)
-        weight_map.update({n: final for n in names})
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    for pattern in _SIDECARS:
-        for f in source_dir.glob(pattern):
-            if f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-    return total
+    return out_dir, sum(sizes)
 
 
 class DiskWeightSync(WeightSync):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -43,25 +43,12 @@ class ParamMeta:
         return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
 
-def _buckets(items: Iterable[T], size: Callable[[T], int], bucket_bytes: int) -> Iterator[list[T]]:
-    """Greedy, order-preserving: a bucket closes before the item that would overflow it; an
-    item larger than bucket_bytes travels alone."""
-    bucket, used = [], 0
-    for item in items:
-        s = size(item)
-        if bucket and used + s > bucket_bytes:
-            yield bucket
-            bucket, used = [], 0
-        bucket.append(item)
-        used += s
-    if bucket:
-        yield bucket
-
-
 def plan_buckets(metas: Sequence[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    return list(_buckets(metas, lambda m: m.nbytes, bucket_bytes))
+    from steer_megatron.models.hf_export import bucketize  # the one bucketer, shared with the HF export
+
+    return list(bucketize(metas, bucket_bytes, lambda m: m.nbytes))
 
 
 def init_group_request(master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -131,7 +118,9 @@ class NcclWeightSync(WeightSync):
         if self._pg is None or self._rebuild or self._group_urls != urls:
             self.connect(urls)
         sent = 0
-        buckets = _buckets(named_tensors(source), lambda nt: nt[1].numel() * nt[1].element_size(), self.bucket_bytes)
+        from steer_megatron.models.hf_export import bucketize
+
+        buckets = bucketize(named_tensors(source), self.bucket_bytes)
         pending = next(buckets, None)
         if pending is None:
             raise WeightSyncError("no tensors to send: the weight source was empty")

@@ -23,10 +23,57 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from steer_megatron.train.actor import ActorBatch, ActorConfig, MegatronActor
+
+
+@dataclass
+class ClosedLoopConfig:
+    """`diagnostics.closed_loop`: move STEER's w_min each step to hold the step's measured entropy
+    change inside `band` (WMinController below). Needs algorithm.policy_loss=steer. Past w_min's
+    bounds the loop can go on to scale the LR (lr_scale_bounds; off by default), and with trims > 0
+    it scales back, inside the step, a step that overshot the band (algorithms/step_trim.py).
+    Validated here, once, for the YAML loader and the library alike."""
+
+    enabled: bool = False
+    band: list[float] = field(default_factory=lambda: [-0.004, -0.001])  # [low, high], nats/token per step
+    gain: float = 0.5  # change of log w_min per band width of error outside the band
+    w_min_bounds: list[float] = field(default_factory=lambda: [0.05, 1.0])  # within (0, 1]
+    max_step: float = 0.5  # largest change of log w_min (or log LR scale) in one step
+    # LR multiplier the loop may use once w_min sits at a bound: [low <= 1, high >= 1]. [1, 1] = w_min only.
+    lr_scale_bounds: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    # In-step feedback (algorithms/step_trim.py): a step whose measured change lies outside the
+    # band is scaled back towards the weights before it, re-measured, up to `trims` times. 0 = off.
+    trims: int = 0
+    min_step_scale: float = 0.25  # the smallest fraction of a step a trim may keep, in (0, 1]
+
+    def __post_init__(self):
+        p = "diagnostics.closed_loop."
+        band, wb, lb = list(self.band), list(self.w_min_bounds), list(self.lr_scale_bounds)
+        if self.trims and not self.enabled:
+            raise ValueError(f"{p}trims={self.trims} trims steps against the closed loop's band: set {p}enabled=true "
+                             f"(pin w_min with w_min_bounds=[w,w] for the trim alone), or trims=0")
+        if len(band) != 2 or not band[0] < band[1]:
+            raise ValueError(f"{p}band={band}: must be [low, high] with low < high "
+                             f"(per-step entropy change in nats/token, e.g. [-0.004, -0.001])")
+        if len(wb) != 2 or not 0 < wb[0] <= wb[1] <= 1:
+            raise ValueError(f"{p}w_min_bounds={wb}: must be [low, high] with 0 < low <= high <= 1 "
+                             f"(STEER's exp-mapped weights lie in [w_min, 1])")
+        if self.gain <= 0 or self.max_step <= 0:
+            raise ValueError(f"{p}gain={self.gain} and max_step={self.max_step}: both must be > 0")
+        if len(lb) != 2 or not 0 < lb[0] <= 1 <= lb[1]:
+            raise ValueError(f"{p}lr_scale_bounds={lb}: must be [low, high] with 0 < low <= 1 <= high (the LR "
+                             f"takes over from w_min at w_min's bounds, where its scale is 1; [1.0, 1.0] = w_min only)")
+        if self.trims < 0 or not 0 < self.min_step_scale <= 1:
+            raise ValueError(f"{p}trims={self.trims} and min_step_scale={self.min_step_scale}: need trims >= 0 "
+                             f"(0 = off) and 0 < min_step_scale <= 1")
+        if lb != [1.0, 1.0] and band[1] > 0:
+            raise ValueError(f"{p}lr_scale_bounds={lb} with band={band}: scaling the LR only shrinks or grows a "
+                             f"falling entropy, so the band's high end must be <= 0; lower it or set "
+                             f"lr_scale_bounds=[1.0,1.0]")
 
 
 class WMinController:
@@ -50,24 +97,11 @@ class WMinController:
         w_min_bounds: tuple[float, float] = (0.05, 1.0), gain: float = 0.5, max_step: float = 0.5,
         lr_scale_bounds: tuple[float, float] = (1.0, 1.0),
     ):
-        lo, hi = w_min_bounds
-        s_lo, s_hi = lr_scale_bounds
-        if not target_low < target_high:
-            raise ValueError(f"diagnostics.closed_loop.band=[{target_low}, {target_high}]: need low < high")
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"diagnostics.closed_loop.w_min_bounds=({lo}, {hi}): need 0 < low <= high <= 1 "
-                             "(the exp mapping's weights lie in [w_min, 1])")
+        c = ClosedLoopConfig(enabled=True, band=[target_low, target_high], gain=gain, max_step=max_step,
+                             w_min_bounds=list(w_min_bounds), lr_scale_bounds=list(lr_scale_bounds))
+        (lo, hi), (s_lo, s_hi) = c.w_min_bounds, c.lr_scale_bounds
         if not lo <= w_min_init <= hi:
             raise ValueError(f"w_min_init={w_min_init} lies outside w_min_bounds=({lo}, {hi})")
-        if gain <= 0 or max_step <= 0:
-            raise ValueError(f"diagnostics.closed_loop.gain={gain} and max_step={max_step} must be > 0")
-        if not 0 < s_lo <= 1 <= s_hi:
-            raise ValueError(f"diagnostics.closed_loop.lr_scale_bounds=({s_lo}, {s_hi}): need 0 < low <= 1 <= high "
-                             "(the LR takes over from w_min at w_min's bounds, where its scale is 1)")
-        if (s_lo, s_hi) != (1.0, 1.0) and target_high > 0:
-            raise ValueError(f"diagnostics.closed_loop.lr_scale_bounds=({s_lo}, {s_hi}) with band high={target_high} > 0: "
-                             "the LR scale only shrinks or grows a falling entropy; use a band with high <= 0, or "
-                             "lr_scale_bounds=[1.0, 1.0]")
         self.low, self.high = target_low, target_high
         self.bounds, self.lr_bounds = (lo, hi), (s_lo, s_hi)
         self.gain, self.max_step = gain, max_step
@@ -108,6 +142,11 @@ class WMinController:
             raise ValueError(f"the w_min closed loop needs algorithm.policy_loss=steer, got {cfg.policy_loss!r}")
         steer = dataclasses.replace(cfg.loss.steer, w_min=self.w_min)
         return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, steer=steer), lr_scale=self.lr_scale)
+
+    @classmethod
+    def from_config(cls, c: ClosedLoopConfig, w_min_init: float) -> "WMinController":
+        return cls(c.band[0], c.band[1], w_min_init=w_min_init, w_min_bounds=tuple(c.w_min_bounds), gain=c.gain,
+                   max_step=c.max_step, lr_scale_bounds=tuple(c.lr_scale_bounds))
 
     def state_dict(self) -> dict:
         return {"w_min": self.w_min, "lr_scale": self.lr_scale}

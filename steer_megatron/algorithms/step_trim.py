@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from steer_megatron.diagnostics.measure import trained_tensors
+from steer_megatron.train.optim import trained_tensors
 from steer_megatron.train.actor import MegatronActor
 
 
