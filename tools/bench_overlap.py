@@ -39,9 +39,8 @@ def _cpus(text: str) -> set[int]:
     return out
 
 
-def _pin_children(root: int, cores: set[int], stop: threading.Event) -> None:
-    """Move the rollout server and router processes under `root` onto `cores` as they appear."""
-    done: set[int] = set()
+def _pin_children(root: int, cores: set[int], stop: threading.Event, done: set[int]) -> None:
+    """Move the rollout server and router processes under `root` onto `cores` as they appear (pids into done)."""
     while not stop.is_set():
         for d in Path("/proc").iterdir():
             if not d.name.isdigit() or int(d.name) in done:
@@ -67,13 +66,16 @@ def run(mode: str, steps: int, out: Path, train_cores: str, rollout_cores: set[i
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(len(_cpus(train_cores)))}
     proc = subprocess.Popen(["taskset", "-c", train_cores, sys.executable, "-m", "steer_megatron.train", *over],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop = threading.Event()
-    pinner = threading.Thread(target=_pin_children, args=(proc.pid, rollout_cores, stop), daemon=True)
+    stop, pinned = threading.Event(), set()
+    pinner = threading.Thread(target=_pin_children, args=(proc.pid, rollout_cores, stop, pinned), daemon=True)
     pinner.start()
     log, _ = proc.communicate()
     stop.set()
     if proc.returncode:
         raise SystemExit(f"{mode} run failed:\n{log[-3000:]}")
+    if not pinned:
+        raise SystemExit(f"{mode} run: no rollout server process was found to pin onto {sorted(rollout_cores)}")
+    print(f"{mode}: moved {len(pinned)} rollout processes onto cores {sorted(rollout_cores)}", file=sys.stderr)
     rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "timing/step_s" in r]
 
