@@ -212,6 +212,8 @@ class TrainerConfig:
     run_name: str = "run"
     seed: int = 1
     resume: str = "auto"  # auto (latest complete checkpoint if any) | none | a checkpoint path
+    # generate step k + 1's rollouts while step k trains (one-step off-policy; train/rollout_pipeline.py)
+    async_rollout: bool = False
 
 
 @dataclass

@@ -11,12 +11,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from steer_megatron.algorithms.advantages import (
-    fill_with_informative_groups,
-    grpo_advantages,
-    psr_nsr_advantages,
-    w_reinforce_advantages,
-)
+from steer_megatron.algorithms.advantages import fill_with_informative_groups
 from steer_megatron.config import RunConfig, config_to_yaml
 from steer_megatron.data.rl_dataset import load_rl_parquets
 from steer_megatron.data.sampler import ResumableSampler
@@ -29,24 +24,10 @@ from steer_megatron.rollout.weight_sync import TransportSettings, make_weight_sy
 from steer_megatron.tracking import names
 from steer_megatron.tracking.console import make_progress, print_step_summary
 from steer_megatron.tracking.metrics_logger import MetricsLogger
-from steer_megatron.train.actor import ActorBatch
-from steer_megatron.train.batch import samples_to_batch
+from steer_megatron.train.rollout_batch import Group, RolloutBatch, groups_to_batch
 from steer_megatron.train.run_dir import RunDir
 
 _PROBE_PROMPTS = 2
-
-
-def sequence_advantages(rewards: torch.Tensor, adv) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[G, n] rewards -> ([G, n] per-sequence advantages of algorithm.adv.estimator, [G, n] samples kept
-    in the loss or None for all). GTPO's advantages are per token and need the old policy's entropy:
-    the trainer fills them after the old-log-prob pass (zeros here)."""
-    if adv.estimator == "w_reinforce":
-        return w_reinforce_advantages(rewards, adv.w_reinforce_lambda), None
-    if adv.estimator in ("psr", "nsr"):
-        return psr_nsr_advantages(rewards, adv.estimator)
-    if adv.estimator == "gtpo":
-        return torch.zeros_like(rewards, dtype=torch.float32), None
-    return grpo_advantages(rewards, norm_by_std=adv.norm_by_std, eps=adv.eps), None
 
 
 class Driver:
@@ -98,7 +79,6 @@ class Driver:
         self.progress = make_progress(self.console)
         self.progress.start()
         self.task = self.progress.add_task("training", total=cfg.trainer.total_steps, completed=resume_step or 0)
-        self._rollout_metrics: dict[str, float] = {}
 
     # -- setup ----------------------------------------------------------------------------------
     def _run_id(self) -> str:
@@ -158,7 +138,9 @@ class Driver:
                                    [e.reward_style for e in owners])
         return result, torch.tensor(scores.scores, dtype=torch.float32).view(len(examples), sampling.n), scores
 
-    def rollout_batch(self, step: int) -> ActorBatch:
+    def rollout_batch(self, step: int) -> RolloutBatch:
+        """Step `step`'s batch: prompts, rollouts, rewards, advantages. Touches the sampler, the client and
+        the scorer only, so trainer.async_rollout can run it in a thread while the step before trains."""
         r, tr = self.cfg.rollout, self.cfg.trainer
         sampling = self._sampling(r.n, r.temperature, r.top_p, r.max_new_tokens)
         t0 = time.perf_counter()
@@ -177,10 +159,11 @@ class Driver:
             return groups, rewards
 
         ds = self.cfg.algorithm.dynamic_sampling
+        metrics: dict[str, float] = {}
         if ds.enabled:
             found = fill_with_informative_groups(generate, tr.rollout_batch_size, max_rounds=ds.max_rounds)
             groups = found.groups
-            self._rollout_metrics = {"rollout/dynamic_rounds": found.rounds, "rollout/dynamic_dropped": found.dropped}
+            metrics = {"rollout/dynamic_rounds": found.rounds, "rollout/dynamic_dropped": found.dropped}
             if found.gave_up:
                 self.console.print(f"[yellow]{found.message}[/]")
             # every DP rank needs whole micro-batches: drop the groups that do not fit
@@ -192,38 +175,22 @@ class Driver:
             groups = groups[:keep]
         else:
             groups, _ = generate(tr.rollout_batch_size)
-            self._rollout_metrics = {}
-        rewards = torch.stack([g[2] for g in groups])
-        adv, kept = sequence_advantages(rewards, self.cfg.algorithm.adv)
-        prompts, samples = [], []
-        for e, group_samples, _ in groups:
-            for s in group_samples:
-                prompts.append(e.prompt_ids)
-                samples.append(s)
-        batch = samples_to_batch(prompts, samples, adv.flatten().tolist(), pad_id=self.pad_id,
-                                 rewards=rewards.flatten().tolist())
-        if kept is not None:  # PSR / NSR: the other samples leave the loss and its token count
-            batch.loss_mask &= kept.flatten()[:, None]
-        seconds = time.perf_counter() - t0
-        lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
-        self._rollout_metrics.update({
-            names.REWARD: float(rewards.mean()), names.ACCURACY: float((rewards > 0.5).float().mean()),
-            names.RESPONSE_LENGTH: float(lengths.mean()), "rollout/response_length_max": float(lengths.max()),
-            "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
-            "rollout/groups_all_equal_frac": float((rewards == rewards[:, :1]).all(1).float().mean()),
-            "reward/timeouts": stats["timeouts"], "reward/errors": stats["errors"],
-            **{f"reward/reason/{k}": float(c) for k, c in sorted(reasons.items())},
-            "rollout/weight_version": float(samples[0].weight_version or 0),
-        })
-        return batch
+        out = groups_to_batch([Group(e.prompt_ids, s, rw) for e, s, rw in groups], self.cfg.algorithm.adv,
+                              pad_id=self.pad_id, policy_version=step)
+        t1 = time.perf_counter()
+        lengths = sum(len(s.output_ids) for g in groups for s in g[1])
+        out.metrics = {**metrics, **out.metrics, "rollout/tokens_per_s": float(lengths) / max(t1 - t0, 1e-9),
+                       "reward/timeouts": stats["timeouts"], "reward/errors": stats["errors"],
+                       **{f"reward/reason/{k}": float(c) for k, c in sorted(reasons.items())}}
+        out.generate_span = (t0, t1)
+        return out
 
     def finish_step(self, step: int, rank_metrics: list[dict], timing: dict, report, *, lr: float,
-                    diag: dict[str, float] | None = None) -> None:
+                    diag: dict[str, float] | None = None, rollout_metrics: dict[str, float] | None = None) -> None:
         keys = set().union(*rank_metrics) if rank_metrics else set()
         actor = {f"actor/{k}": sum(m.get(k, 0.0) for m in rank_metrics) / len(rank_metrics) for k in keys}
         actor[names.ENTROPY] = actor.pop("actor/entropy_mean", float("nan"))
-        metrics = {**self._rollout_metrics, **actor, **timing, "actor/lr": lr, **(diag or {})}
+        metrics = {**(rollout_metrics or {}), **actor, **timing, "actor/lr": lr, **(diag or {})}
         if report is not None:
             metrics["sync/seconds"] = report.seconds
             if report.parity is not None:

@@ -29,6 +29,7 @@ from steer_megatron.train.control import ControlPlane, StopRequest
 from steer_megatron.train.driver import Driver
 from steer_megatron.train.optim import wrap_for_training
 from steer_megatron.train.reference import ReferencePolicy
+from steer_megatron.train.rollout_pipeline import RolloutPipeline
 from steer_megatron.train.run_dir import RunDir
 from steer_megatron.train.settings import DTYPES, model_settings, optim_settings, policy_loss_config
 from steer_megatron.train.weights import WeightPublisher
@@ -87,18 +88,27 @@ def train(cfg: RunConfig) -> Path:
                                 atol=cfg.rollout.parity_atol or parity_tolerance(DTYPES[cfg.model.dtype], arch.num_layers,
                                                                                  arch.hidden_size),
                                 dtype=DTYPES[cfg.model.dtype], temperature=cfg.rollout.temperature)
+    # trainer.async_rollout: rank 0 generates step k + 1's batch while step k trains (rollout_pipeline.py)
+    pipeline = RolloutPipeline(driver.rollout_batch, driver.sampler, ahead=cfg.trainer.async_rollout) if driver else None
+    if driver and cfg.trainer.async_rollout and cfg.algorithm.tis_cap is None and cfg.algorithm.rollout_correction.mode == "none":
+        driver.console.print("[yellow]trainer.async_rollout: samples are one step stale and nothing corrects for it; "
+                             "set algorithm.tis_cap or algorithm.rollout_correction.mode[/]")
+    origin = time.perf_counter()  # the timeline/* metrics count from here
     try:
         publisher.publish(start_step)  # the fleet serves exactly the weights we train from
         if driver and cfg.eval.every and cfg.eval.at_start and start_step == 0:
             driver.log(0, driver.evaluate(0))
         for step in range(start_step, cfg.trainer.total_steps):
             t0 = time.perf_counter()
-            batch = control.broadcast(driver.rollout_batch(step) if driver else None)
+            rollout = pipeline.take(step) if driver else None
+            if driver and step + 1 < cfg.trainer.total_steps:
+                pipeline.prefetch(step + 1)  # no-op unless trainer.async_rollout
+            batch = control.broadcast(rollout.batch if driver else None)
             timing = {"timing/rollout_s": time.perf_counter() - t0}
 
             local = batch.dp_slice(ps.get_data_parallel_rank(), dp, balance_rows=actor.cfg.mini_batch_size
                                    if cfg.trainer.max_tokens_per_micro_batch else None)
-            t1 = time.perf_counter()
+            t1 = t_train = time.perf_counter()
             actor.old_pass(local)  # old_log_prob, old_entropy (and what STEER's group needs)
             if reference:
                 local.ref_log_prob = reference.log_probs(local)
@@ -122,9 +132,18 @@ def train(cfg: RunConfig) -> Path:
             diag_metrics = diag.after_update(step, actor, batch, local) if diag else {}
             timing["timing/diagnostics_s"] = time.perf_counter() - t1
 
+            t_trained = time.perf_counter()
+            if driver:  # the batch generated ahead must come from the weights before this step's update
+                timing["timing/rollout_wait_s"] = pipeline.wait()
             t1 = time.perf_counter()
             report = publisher.publish(step + 1)
             timing["timing/weight_sync_s"] = time.perf_counter() - t1
+            if driver:
+                g0, g1 = rollout.generate_span
+                timing.update({"timing/rollout_generate_s": g1 - g0, "timeline/rollout_start": g0 - origin,
+                               "timeline/rollout_end": g1 - origin, "timeline/train_start": t_train - origin,
+                               "timeline/train_end": t_trained - origin, "timeline/sync_start": t1 - origin,
+                               "timeline/sync_end": time.perf_counter() - origin})
             gathered = control.gather(train_metrics if on_last_stage and ps.get_tensor_model_parallel_rank() == 0 else None)
 
             done = step + 1 == cfg.trainer.total_steps
@@ -132,11 +151,12 @@ def train(cfg: RunConfig) -> Path:
             if driver:
                 timing["timing/step_s"] = time.perf_counter() - t0
                 driver.finish_step(step + 1, [g for g in gathered if g is not None], timing, report,
-                                   lr=scheduler.get_lr(optimizer.param_groups[0]), diag=diag_metrics)
+                                   lr=scheduler.get_lr(optimizer.param_groups[0]), diag=diag_metrics,
+                                   rollout_metrics=rollout.metrics)
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
                     driver.log(step + 1, driver.evaluate(step + 1))
             if done or stopping or (cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0):
-                extra = {"scheduler": scheduler.state_dict(), "sampler": driver.sampler.state_dict() if driver else None,
+                extra = {"scheduler": scheduler.state_dict(), "sampler": pipeline.sampler_state() if driver else None,
                          "diagnostics": diag.state_dict() if diag else None}
                 save_checkpoint(run.checkpoints, step + 1, ddp, optimizer, extra=extra, config=config_to_dict(cfg),
                                 keep_last=cfg.trainer.keep_last)
@@ -149,5 +169,6 @@ def train(cfg: RunConfig) -> Path:
         return run.path
     finally:
         if driver:
+            pipeline.close()
             driver.close()
         stop.restore()
