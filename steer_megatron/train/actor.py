@@ -293,7 +293,8 @@ class MegatronActor:
         total, st = fused_linear_token_loss(hidden, weight, self._labels(mb).t(), token_loss,
                                             vocab_size=self.cfg.vocab_size,
                                             tp_group=ps.get_tensor_model_parallel_group(),
-                                            kernel=self.cfg.loss_kernel, check_inputs=False)
+                                            chunk_tokens=self.cfg.chunk_tokens, kernel=self.cfg.loss_kernel,
+                                            check_inputs=False)
         st = _each(st, lambda x: x.t()[:, :-1])
         with torch.no_grad():
             loss, metrics = self.loss_fn(make_inputs(st, mb), self.cfg.loss)
