@@ -211,3 +211,21 @@ def test_fused_head_gradient_in_forward_update_equals_logits_path_tp2():
     for out, _ in results:  # the metrics come from the whole micro-batch, as on the logits path
         for k in ("weight_mean", "omega_absmax", "entropy_loss", "clipfrac_high"):
             assert abs(out[True][2][k] - out[False][2][k]) <= 1e-5 * max(1.0, abs(out[False][2][k])), k
+
+
+def test_auto_fallback_on_cuda_warns_once(monkeypatch, caplog):
+    """'auto' on CUDA logits without loadable Triton: PyTorch runs, one warning, auto_fallback() set
+    (the trainer's actor/loss_kernel_fallback metric). select_kernel reads only is_cuda and dtype."""
+    from types import SimpleNamespace
+
+    from steer_megatron.loss import kernels
+
+    monkeypatch.setattr(kernels, "_checked", True)
+    monkeypatch.setattr(kernels, "_import_error", "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(kernels, "_fallback", None)
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="steer_megatron.loss.kernels"):
+        assert kernels.select_kernel("auto", torch.zeros(1)) == "torch" and kernels.auto_fallback() is None
+        assert [kernels.select_kernel("auto", cuda_bf16) for _ in range(3)] == ["torch"] * 3
+    assert len(caplog.records) == 1 and "No module named 'triton'" in caplog.records[0].getMessage()
+    assert "triton" in kernels.auto_fallback()

@@ -9,7 +9,9 @@
   chunk, gradients made in forward, 6 N H V).
 
 Selection ("auto"): the Triton path for bf16/fp16/fp32 CUDA tensors when triton imports, PyTorch
-everywhere else. CPU tensors never import triton under "auto", so CPU runs are unchanged. Asking
+everywhere else. CPU tensors never import triton under "auto", so CPU runs are unchanged. When
+"auto" meets CUDA tensors but the kernels cannot load, it runs PyTorch and warns once
+(auto_fallback() says why; the trainer reports it as a metric). Asking
 for "triton" on CPU tensors works only under Triton's interpreter (TRITON_INTERPRET=1 set before
 the kernels are first imported): slow, meant for tests.
 """
