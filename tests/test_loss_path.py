@@ -148,10 +148,10 @@ def test_trainer_loss_call_allocates_nothing_logits_sized_and_matches_float64():
         assert float(r["grad"][:, -1].abs().max()) == 0.0  # the last position takes no part
 
 
-def tp2_worker():
+def _tp2_call():
+    """The trainer's loss call on this rank's vocab shard (the caller set up TP=2)."""
     from megatron.core import parallel_state as ps
 
-    init_parallel(ParallelLayout(tp=2), seed=0)
     rank, v_local = ps.get_tensor_model_parallel_rank(), V_PAD // 2
     logits64, ids, mask, adv, old = _data(seed=1)
     ref, ref_grad = _reference(logits64.float().double(), ids, mask, adv, old)
@@ -161,8 +161,8 @@ def tp2_worker():
             ref_grad[..., rank * v_local:(rank + 1) * v_local], rec.syncs, float(logits64.abs().max()))
 
 
-def test_trainer_loss_call_tp2_matches_float64():
-    for stats, ref, grad, ref_grad, syncs, zmax in spawn_ranks(tp2_worker, 2):
+def _check_tp2_call(results):
+    for stats, ref, grad, ref_grad, syncs, zmax in results:
         tol = _tol(torch.float32, zmax)
         for got, want in zip(stats, ref):
             torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
@@ -182,6 +182,7 @@ def fused_form_worker(full):
     from tests.tiny_gpt import build_tiny_gpt, shard
 
     init_parallel(ParallelLayout(tp=2), seed=3)
+    call = _tp2_call()  # one 2-rank spawn for both TP=2 checks
     loss_cfg = PolicyLossConfig(steer=SteerConfig(form="exact", group="mini_batch"), entropy_coeff=0.01)
     out, forms = {}, []
     for fused in (False, True):
@@ -198,17 +199,18 @@ def fused_form_worker(full):
         metrics = actor.update(batch)
         out[fused] = (batch.old_log_prob, batch.old_entropy, metrics,
                       {n: p.detach().clone() for n, p in model.named_parameters()})
-    return out, forms
+    return out, forms, call
 
 
-def test_fused_head_gradient_in_forward_update_equals_logits_path_tp2():
+def test_tp2_loss_call_matches_float64_and_fused_gradient_in_forward_update_equals_logits_path():
     from tests.test_actor import _check_fused_matches, full_weights_worker
 
     full = spawn_ranks(full_weights_worker, 1, False)[0]
     results = spawn_ranks(fused_form_worker, 2, full)
-    assert all(forms == [False, True] for _, forms in results)
-    _check_fused_matches([out for out, _ in results])
-    for out, _ in results:  # the metrics come from the whole micro-batch, as on the logits path
+    _check_tp2_call([call for _, _, call in results])
+    assert all(forms == [False, True] for _, forms, _ in results)
+    _check_fused_matches([out for out, _, _ in results])
+    for out, _, _ in results:  # the metrics come from the whole micro-batch, as on the logits path
         for k in ("weight_mean", "omega_absmax", "entropy_loss", "clipfrac_high"):
             assert abs(out[True][2][k] - out[False][2][k]) <= 1e-5 * max(1.0, abs(out[False][2][k])), k
 
