@@ -69,7 +69,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         none = (None,) * 8
         if g_logp is None and g_entropy is None:
             return (None,) + none
-        grad = logits if inplace else torch.empty_like(logits)
+        grad = logits.detach() if inplace else torch.empty_like(logits)  # detach: the same storage, no graph
         if kernel == "triton":
             from steer_megatron.loss.kernels import triton_stats
 

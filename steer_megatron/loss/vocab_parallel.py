@@ -152,8 +152,9 @@ def grad_logits_torch(logits, target, log_z, entropy, g_logp, g_entropy, n_valid
         if g_logp is not None:  # dlogp/dz = 1[a=y] - p
             gl = g_logp[sl].to(acc)
             g.addcmul_(p, gl[:, None], value=-1)
-            rows = on_shard[sl].nonzero().squeeze(-1)
-            g[rows, local_t[sl][rows]] += gl[rows]
+            # the target column gets + g_logp; a masked scatter, not nonzero(), which syncs with the host
+            t = local_t[sl].clamp(0, n_valid - 1)
+            g.scatter_add_(1, t[:, None], torch.where(on_shard[sl], gl, torch.zeros_like(gl))[:, None])
         grad[sl, :n_valid] = g
     return grad
 

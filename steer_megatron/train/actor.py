@@ -6,9 +6,11 @@ micro-batches; the statistics and the loss live on the last pipeline stage.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -18,15 +20,21 @@ from steer_megatron.loss import (
     PolicyLossConfig,
     PolicyLossInputs,
     TokenStats,
+    fused_linear_token_loss,
     fused_linear_token_stats,
     get_policy_loss,
     token_stats,
 )
+from steer_megatron.loss.kernels import auto_fallback
 from steer_megatron.loss.policy_losses import loss_needs
 from steer_megatron.train.balance import balanced_order, row_lengths
+from steer_megatron.train.head_forms import token_loss_blocker
 from steer_megatron.train.packing import PackedMicroBatch, pack, plan_micro_batches, sequence_lengths
 
 TOKEN_MEAN_OVER = ("mini_batch", "micro_batch")
+# the per-token inputs of the policy loss that come with the batch (fixed before the step)
+_LOSS_DATA = ("old_log_prob", "advantages", "loss_mask", "old_entropy", "ref_log_prob", "rollout_log_prob")
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,10 +260,15 @@ class MegatronActor:
         self._updates = 0  # update() calls, the default step of clip_cov's draw key
         if _is_last_stage():
             apply_temperature(gpt, cfg.temperature)
+        self._token_loss_form = False  # the fused head's gradient-in-forward form (head_forms.py)
         if cfg.fused_lm_head and _is_last_stage():
             self._sequence_parallel = gpt.output_layer.sequence_parallel
             self._tap = _HiddenStatesTap()
             gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
+            blocker = token_loss_blocker(cfg.policy_loss, cfg.loss, cfg.token_mean_over)
+            self._token_loss_form = blocker is None
+            if blocker is not None:
+                _log.info("fused_lm_head: updates use the recompute form (8 N H V): %s", blocker)
 
     def _packed_rope(self, module, args, emb):
         """Forward hook on the rotary embedding: [s, 1, 1, d] -> [s, rows, 1, d] at each packed
@@ -265,37 +278,91 @@ class MegatronActor:
         return emb[:, 0, 0][self._rope_positions.t()].unsqueeze(2)
 
     # -- statistics ---------------------------------------------------------------------------
+    @staticmethod
+    def _labels(mb: ActorBatch) -> torch.Tensor:
+        """[b, s] next-token ids: position t predicts input_ids[:, t + 1]. The statistics run on all s
+        positions of the layout megatron returns (no copy of the logits for a shift); the last
+        position's label wraps to a real id and its statistics are dropped ([:, :-1]), so it takes
+        no part in any loss and gets a zero gradient."""
+        return mb.input_ids.roll(-1, dims=1)
+
     def micro_batch_stats(self, output: torch.Tensor, mb: ActorBatch, p2_stats: bool) -> TokenStats:
-        """Token statistics of a micro-batch from the model's output: logits [b, s, V_local], or
-        with fused_lm_head the hidden states kept by the output layer's hook."""
+        """Token statistics [b, s - 1] of a micro-batch from the model's output: logits [b, s, V_local]
+        (megatron's contiguous layout, flattened without a copy), or with fused_lm_head the hidden
+        states kept by the output layer's hook. No host sync: the target ids are checked once per
+        batch (run_schedule) and non-finite logits are counted on the device (_nonfinite)."""
         from megatron.core import parallel_state as ps
 
         if isinstance(mb, PackedMicroBatch):  # statistics of the packed rows, in the micro-batch's own layout
             return mb.unpack(self.micro_batch_stats(output, mb.rows, p2_stats))
 
         tp_group = ps.get_tensor_model_parallel_group()
-        target = mb.input_ids[:, 1:]
+        labels = self._labels(mb)
         if self._tap is None:
-            return token_stats(output[:, :-1], target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
-                               chunk_tokens=self.cfg.chunk_tokens, p2_stats=p2_stats, kernel=self.cfg.loss_kernel)
+            # in place: megatron keeps no other use of the logits, so their storage takes the gradient
+            st = token_stats(output, labels, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
+                             chunk_tokens=self.cfg.chunk_tokens, p2_stats=p2_stats, kernel=self.cfg.loss_kernel,
+                             inplace_backward=True, check_inputs=False)
+            return _each(st, lambda x: x[:, :-1])
+        hidden, weight = self._head_inputs()
+        st = fused_linear_token_stats(hidden, weight, labels.t(), vocab_size=self.cfg.vocab_size, tp_group=tp_group,
+                                      kernel=self.cfg.loss_kernel, p2_stats=p2_stats, check_inputs=False)
+        return _each(st, lambda x: x.t()[:, :-1])  # [s, b] -> [b, s - 1]
+
+    def _head_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept [s, b, H] hidden states, prepared as ColumnParallelLinear prepares its input, and
+        the output weight. Each rank's fused backward holds only its vocab shard's part of
+        d loss / d hidden: under sequence parallelism the [s / tp, b, H] shards are all-gathered and
+        the gradient reduce-scattered back; otherwise identity forward and the gradient all-reduced
+        over TP. The fused heads flatten [s, b, H] as a view, so the gradient arrives contiguous."""
         from megatron.core.tensor_parallel import (
             copy_to_tensor_model_parallel_region,
             gather_from_sequence_parallel_region,
         )
 
         hidden, weight = self._tap.take()
-        # What ColumnParallelLinear does to its input, since each rank's fused backward holds only
-        # its vocab shard's part of d loss / d hidden: under sequence parallelism the [s / tp, b, H]
-        # shards are all-gathered and the gradient reduce-scattered back; otherwise identity
-        # forward and the gradient all-reduced over TP. The all-reduce must see the gradient of
-        # the layout the fused head returns: megatron reduces a contiguous copy of a strided one.
         if self._sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
-        hidden = hidden.transpose(0, 1)[:, :-1]  # [s, b, H] -> [b, s - 1, H]
-        if not self._sequence_parallel:
+        else:
             hidden = copy_to_tensor_model_parallel_region(hidden)
-        return fused_linear_token_stats(hidden, weight, target, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
-                                        kernel=self.cfg.loss_kernel, p2_stats=p2_stats)
+        return hidden, weight
+
+    def _fused_token_loss(self, mb: ActorBatch, make_inputs) -> tuple[torch.Tensor, dict]:
+        """The update's loss with the fused head's gradient-in-forward form: the loss and its
+        gradients in one pass over token chunks (6 N H V). make_inputs(stats, data) -> PolicyLossInputs.
+        The metrics come from the same policy loss on the whole micro-batch's detached statistics."""
+        from megatron.core import parallel_state as ps
+
+        hidden, weight = self._head_inputs()
+
+        def token_order(t):  # [b, s - 1] -> [s * b] in the head's token order, the last position padded
+            return None if t is None else torch.cat([t, t.new_zeros(t.shape[0], 1)], 1).t().reshape(-1)
+
+        flat = {name: token_order(getattr(mb, name)) for name in _LOSS_DATA}
+
+        def token_loss(st: TokenStats, rows: slice) -> torch.Tensor:
+            data = SimpleNamespace(**{k: None if v is None else v[rows] for k, v in flat.items()})
+            return self.loss_fn(make_inputs(st, data), self.cfg.loss)[0]
+
+        total, st = fused_linear_token_loss(hidden, weight, self._labels(mb).t(), token_loss,
+                                            vocab_size=self.cfg.vocab_size,
+                                            tp_group=ps.get_tensor_model_parallel_group(),
+                                            chunk_tokens=self.cfg.chunk_tokens, kernel=self.cfg.loss_kernel,
+                                            check_inputs=False)
+        st = _each(st, lambda x: x.t()[:, :-1])
+        with torch.no_grad():
+            loss, metrics = self.loss_fn(make_inputs(st, mb), self.cfg.loss)
+        metrics["nonfinite_logit_rows"] = _nonfinite(st)
+        metrics["loss"] = loss
+        return total, metrics
+
+    def _check_target_ids(self, batch: ActorBatch) -> None:
+        """Every target id in [0, vocab_size): one host sync per batch, where token_stats' own check
+        would cost one per micro-batch."""
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(batch.input_ids)).tolist())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size}); got min {lo}, max {hi}. "
+                             "Check the tokenizer against the model's vocabulary (model.vocab_size)")
 
     def micro_batches(self, batch: ActorBatch):
         """(micro-batches, row groups): `batch` cut as the schedule runs it. Row groups are the batch
@@ -349,6 +416,8 @@ class MegatronActor:
         """megatron's forward/backward schedule over micro-batches of `batch` (or the given ones)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if _is_last_stage():
+            self._check_target_ids(batch)
         if micro is None:
             micro, _ = self.micro_batches(batch)
         first = micro[0].rows if isinstance(micro[0], PackedMicroBatch) else micro[0]
@@ -406,6 +475,7 @@ class MegatronActor:
         self.model.train()
         if not _is_last_stage():
             return None
+        _raise_on_nonfinite([_nonfinite(TokenStats(o["logprob"], o["entropy"], None, None)) for o in out])
         n, t = len(batch), batch.input_ids.shape[1] - 1  # without the rows and positions run_schedule may have added
         if groups is None:
             return {k: torch.cat([o[k] for o in out])[:n, :t] for k in out[0]}
@@ -497,17 +567,24 @@ class MegatronActor:
                 micro_index = iter(range(n_micro))
 
                 def loss_func(mb, logits):
+                    key = (step, epoch, mini_index, next(micro_index), dp_rank)
+
+                    def make_inputs(st, data):  # data: the micro-batch, or one token chunk of it
+                        return PolicyLossInputs(
+                            log_prob=st.logprob, old_log_prob=data.old_log_prob, advantages=data.advantages,
+                            mask=data.loss_mask, entropy=st.entropy, old_entropy=data.old_entropy,
+                            sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=data.ref_log_prob,
+                            rollout_log_prob=data.rollout_log_prob, token_normalizer=normalizer,
+                            dp_group=ps.get_data_parallel_group(), omega_range=omega_range, draw_key=key,
+                        )
+
+                    if self._token_loss_form and not isinstance(mb, PackedMicroBatch):
+                        loss, metrics = self._fused_token_loss(mb, make_inputs)
+                        return loss * scale, metrics
                     st = self.micro_batch_stats(logits, mb, p2_stats=p2_stats)
-                    inp = PolicyLossInputs(
-                        log_prob=st.logprob, old_log_prob=mb.old_log_prob, advantages=mb.advantages,
-                        mask=mb.loss_mask, entropy=st.entropy, old_entropy=mb.old_entropy,
-                        sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=mb.ref_log_prob,
-                        rollout_log_prob=mb.rollout_log_prob, token_normalizer=normalizer,
-                        dp_group=ps.get_data_parallel_group(), omega_range=omega_range,
-                        draw_key=(step, epoch, mini_index, next(micro_index), dp_rank),
-                    )
-                    loss, metrics = self.loss_fn(inp, cfg.loss)
+                    loss, metrics = self.loss_fn(make_inputs(st, mb), cfg.loss)
                     metrics["loss"] = loss.detach().clone()
+                    metrics["nonfinite_logit_rows"] = _nonfinite(st)
                     return loss * scale, metrics
 
                 self.model.zero_grad_buffer()
@@ -515,6 +592,8 @@ class MegatronActor:
                 out = self.run_schedule(mini, loss_func, forward_only=False, micro=micro)
                 for k, v in self.batching.items():
                     batching[k] = batching.get(k, 0.0) + v / (cfg.ppo_epochs * n_minis)
+                if _is_last_stage():  # one sync per mini-batch, after the schedule
+                    _raise_on_nonfinite([o.pop("nonfinite_logit_rows") for o in out])
                 with _scaled_lr(self.optimizer, cfg.lr_scale):
                     ok, grad_norm, _ = self.optimizer.step()
                 if self.scheduler is not None:
@@ -534,4 +613,23 @@ class MegatronActor:
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         metrics.update({f"batching/{k}": v for k, v in batching.items()})
+        # 1 when loss_kernel=auto ran the ~55x slower PyTorch statistics on CUDA (Triton cannot load)
+        metrics["loss_kernel_fallback"] = float(auto_fallback() is not None)
         return metrics
+
+
+def _each(st: TokenStats, fn) -> TokenStats:
+    return TokenStats(*(fn(getattr(st, f.name)) for f in fields(st)))
+
+
+def _nonfinite(st: TokenStats) -> torch.Tensor:
+    """Tokens whose log-prob or entropy is NaN/Inf (non-finite logits), counted on the device."""
+    return (~torch.isfinite(st.logprob)).sum() + (~torch.isfinite(st.entropy)).sum()
+
+
+def _raise_on_nonfinite(counts: list[torch.Tensor]) -> None:
+    bad = int(torch.stack(counts).sum()) if counts else 0
+    if bad:
+        raise FloatingPointError(
+            f"the model's logits are NaN or Inf at {bad} token statistic(s) of this batch; they are not zeroed "
+            "silently. Check the model for overflow (lower the LR, use bf16/fp32) or the input for masked logits")

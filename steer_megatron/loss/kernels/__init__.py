@@ -9,11 +9,15 @@
   chunk, gradients made in forward, 6 N H V).
 
 Selection ("auto"): the Triton path for bf16/fp16/fp32 CUDA tensors when triton imports, PyTorch
-everywhere else. CPU tensors never import triton under "auto", so CPU runs are unchanged. Asking
+everywhere else. CPU tensors never import triton under "auto", so CPU runs are unchanged. When
+"auto" meets CUDA tensors but the kernels cannot load, it runs PyTorch and warns once
+(auto_fallback() says why; the trainer reports it as a metric). Asking
 for "triton" on CPU tensors works only under Triton's interpreter (TRITON_INTERPRET=1 set before
 the kernels are first imported): slow, meant for tests.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -21,6 +25,8 @@ KERNELS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _import_error: str | None = None
 _checked = False
+_fallback: str | None = None  # why "auto" ran PyTorch on CUDA logits (set once, warned once)
+_log = logging.getLogger(__name__)
 
 
 def triton_import_error() -> str | None:
@@ -51,8 +57,11 @@ def select_kernel(kernel: str, x: torch.Tensor) -> str:
     if kernel == "torch":
         return "torch"
     if kernel == "auto":
-        if x.is_cuda and x.dtype in _TRITON_DTYPES and triton_import_error() is None and not interpreted():
+        if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+            return "torch"
+        if triton_import_error() is None and not interpreted():
             return "triton"
+        _note_fallback(triton_import_error() or "Triton runs under its CPU interpreter (TRITON_INTERPRET=1)")
         return "torch"
     err = triton_import_error()
     if err is not None:
@@ -68,6 +77,22 @@ def select_kernel(kernel: str, x: torch.Tensor) -> str:
             "before the kernels are imported; slow, for tests); use kernel 'auto' or 'torch' on a CPU"
         )
     return "triton"
+
+
+def _note_fallback(reason: str) -> None:
+    global _fallback
+    if _fallback is None:
+        _fallback = reason
+        # the PyTorch path is ~55x slower at V = 152,064 (docs/benchmarks.md): never silent
+        _log.warning("loss kernel 'auto' runs the PyTorch token statistics on CUDA logits because the Triton "
+                     "kernels cannot run (%s); install the extra (pip install 'steer-megatron[kernels]') or set "
+                     "algorithm.loss_kernel: torch to silence this", reason)
+
+
+def auto_fallback() -> str | None:
+    """Why 'auto' ran PyTorch on CUDA tensors in this process (None: it never did). The trainer
+    reports it as the metric actor/loss_kernel_fallback."""
+    return _fallback
 
 
 def __getattr__(name):  # lazy: importing this package must not import triton
