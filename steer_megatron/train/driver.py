@@ -211,6 +211,8 @@ class Driver:
             names.RESPONSE_LENGTH: float(lengths.mean()), "rollout/response_length_max": float(lengths.max()),
             "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
+            # prompt + response tokens the trainer's passes run over (their tokens/s in finish_step)
+            "rollout/batch_tokens": float(sum(len(p) for p in prompts) + lengths.sum()),
             "rollout/groups_all_equal_frac": float((rewards == rewards[:, :1]).all(1).float().mean()),
             "reward/timeouts": stats["timeouts"], "reward/errors": stats["errors"],
             **{f"reward/reason/{k}": float(c) for k, c in sorted(reasons.items())},
@@ -224,6 +226,9 @@ class Driver:
         actor = {f"actor/{k}": sum(m.get(k, 0.0) for m in rank_metrics) / len(rank_metrics) for k in keys}
         actor[names.ENTROPY] = actor.pop("actor/entropy_mean", float("nan"))
         metrics = {**self._rollout_metrics, **actor, **timing, "actor/lr": lr, **(diag or {})}
+        for phase in ("old_logprob", "update"):  # tokens/s of the trainer's forward (+ backward) passes
+            if timing.get(f"timing/{phase}_s") and "rollout/batch_tokens" in metrics:
+                metrics[f"timing/{phase}_tokens_per_s"] = metrics["rollout/batch_tokens"] / timing[f"timing/{phase}_s"]
         if report is not None:
             metrics["sync/seconds"] = report.seconds
             if report.parity is not None:
