@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token probability splitting 'high' from 'low' in the quadrant and clipping tables (default 0.5)")
     p.add_argument("--bins", type=int, default=20, help="equal-count bins of the binned scatter (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt choice and sampling (default 0)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds the measuring ranks may take (default 3600; a 135M model on a busy 2-core "
+                        "machine needs more than 600 for two learning rates)")
     return p
 
 
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         rollout_dir = hf_dir or _export_ckpt_to_hf(ckpt, cfg, os.path.join(tmp, "hf"))
         batch, batch_stats = build_batch(rollout_dir, args.data or default_data, cfg, args)
     t_rollout = time.perf_counter() - t0
-    results = spawn_ranks(measure_rank, args.tp, cfg, hf_dir, ckpt, batch, lrs)[0]
+    print(f"rollout batch ({t_rollout:.0f} s): {batch_stats}", flush=True)
+    results = spawn_ranks(measure_rank, args.tp, cfg, hf_dir, ckpt, batch, lrs, timeout=args.timeout)[0]
     reports = []
     for data in results:
         lr = data.meta["lr"]
