@@ -100,3 +100,25 @@ def test_entropy_tool_measures_in_float32():
     args = mod.build_parser().parse_args(["--ckpt", "x", "--out", "y"])
     with pytest.raises(SystemExit, match="rounding noise.*--dtype float32"):
         mod._apply_flags(cfg, args)
+
+
+def test_base_accuracy_bootstrap_interval_matches_the_normal_one():
+    """tools/base_accuracy.py's interval over prompts: for 60 prompts half right, half wrong the
+    mean's standard error is sqrt(0.25 / 60) = 0.0645, so the 95% interval is 0.5 +- 0.126; the
+    tolerance covers the bootstrap's own sampling error at 4000 resamples and the 1/60 grid."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        spec = importlib.util.spec_from_file_location("base_accuracy", tools / "base_accuracy.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(tools))
+    lo, hi = mod.bootstrap_interval([0.0, 1.0] * 30, 4000, seed=0)
+    half = 1.96 * (0.25 / 60) ** 0.5
+    assert abs(lo - (0.5 - half)) < 0.03 and abs(hi - (0.5 + half)) < 0.03
+    assert mod.bootstrap_interval([0.25] * 10, 100) == (0.25, 0.25)  # no spread, no interval

@@ -29,6 +29,7 @@ def test_two_steer_steps_on_smollm2(tmp_path):
     over = [f"model.hf_path={hf_dir}", f"data.train_files=[{data}]", "eval.files=[]", "eval.every=0",
             "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "trainer.micro_batch_size=4",
             "rollout.n=2", "data.max_response_len=8", "trainer.total_steps=2", "trainer.save_every=0",
+            "algorithm.dynamic_sampling.enabled=false",  # 4 samples: all-equal groups are likely
             f"trainer.output_dir={tmp_path}", "trainer.run_name=r", "logging.tensorboard=false"]
     run_dir = Path(spawn_ranks(train_worker, 1, over, timeout=1200)[0])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ from steer_megatron.rewards import (
     register_data_source,
     register_reward,
 )
+from steer_megatron.rewards.registry import reward_by_name
 
 DATASETS = "/work/shared/datasets"
 
@@ -151,6 +152,17 @@ def test_integer_reward():
     assert fn("Answer: 86", "85") == 0.0
     assert fn("Answer: 85.0", "85") == 0.0
     assert fn("Answer: 9" * 10_000, "85") == 0.0
+
+
+def test_last_integer_reward_and_route():
+    fn = reward_by_name("last_integer").fn
+    assert fn("7 + 6 is 13.", "13") == 1.0  # no answer line: the reply's last integer
+    assert fn("13, or rather 1,300", "1300") == 1.0
+    assert fn("-5", "-5") == 1.0 and fn("x = 5", "-5") == 0.0
+    assert fn("Answer: 12\nor 13", "13") == 0.0  # an answer line wins over later numbers
+    assert fn("Answer: 13", "13") == 1.0 and fn("no number", "1") == 0.0
+    with RewardScorer(timeout_s=1.0, num_workers=1, routes={"synthetic_arith": "last_integer"}) as s:
+        assert s.score(["synthetic_arith", "synthetic_sort"], ["it is 9", "it is 9"], ["9", "9"]).scores == [1.0, 0.0]
 
 
 def _rows(path: str, n: int, seed: int) -> list[dict]:

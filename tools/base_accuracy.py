@@ -18,6 +18,16 @@ import time
 import _common  # noqa: F401  (puts the repo on sys.path)
 
 
+def bootstrap_interval(values: list[float], resamples: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of `values` under resampling them with replacement."""
+    import random
+
+    rng, n = random.Random(seed), len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    cut = int(round((1 - level) / 2 * resamples))
+    return means[cut], means[resamples - 1 - cut]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True)
@@ -28,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default=None,
+                   help="reward name to score with (e.g. last_integer, as configs/smollm2_135m_steer.yaml routes "
+                        "synthetic_arith); default: the data source's registered reward")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="resamples of the prompts for the 95%% interval of mean@k (0 = none)")
     args = p.parse_args(argv)
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from steer_megatron.data.rl_dataset import encode_prompt
     from steer_megatron.rewards import get_reward_fn
+    from steer_megatron.rewards.registry import reward_by_name
     from steer_megatron.rollout.cpu_engine import CpuEngine, SeqRequest, derive_seed
 
     tok = AutoTokenizer.from_pretrained(args.hf)
@@ -48,17 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     engine.generate(seqs)
     seconds = time.perf_counter() - t0
     per_level: dict = collections.defaultdict(list)
+    per_prompt = [0.0] * len(rows)
     for s in seqs:
-        r = rows[int(s.rid.split("_")[0])]
-        fn = get_reward_fn(r["data_source"], r["reward_model"].get("style")).fn
+        i = int(s.rid.split("_")[0])
+        r = rows[i]
+        fn = (reward_by_name(args.reward) if args.reward else get_reward_fn(r["data_source"], r["reward_model"].get("style"))).fn
         score = fn(tok.decode(s.output_ids, skip_special_tokens=True), r["reward_model"]["ground_truth"])
         per_level[(r.get("extra_info") or {}).get("level", "all")].append(score)
+        per_prompt[i] += score / args.k
     tokens = sum(len(s.output_ids) for s in seqs)
     for level in sorted(per_level, key=str):
         v = per_level[level]
         print(f"level {level}: mean@{args.k} {sum(v) / len(v):.3f} over {len(v) // args.k} prompts")
     allv = [x for v in per_level.values() for x in v]
     print(f"all: mean@{args.k} {sum(allv) / len(allv):.3f}; {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s)")
+    if args.bootstrap:
+        lo, hi = bootstrap_interval(per_prompt, args.bootstrap, seed=args.seed)
+        print(f"95% bootstrap interval over the {len(rows)} prompts ({args.bootstrap} resamples): [{lo:.3f}, {hi:.3f}]")
     print("example reply:", repr(tok.decode(seqs[0].output_ids, skip_special_tokens=True)[:300]))
     return 0
 

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token probability splitting 'high' from 'low' in the quadrant and clipping tables (default 0.5)")
     p.add_argument("--bins", type=int, default=20, help="equal-count bins of the binned scatter (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt choice and sampling (default 0)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds the measuring ranks may take (default 3600; a 135M model on a busy 2-core "
+                        "machine needs more than 600 for two learning rates)")
     return p
 
 
@@ -171,18 +174,19 @@ def prompt_pool(data: str, tokenizer, vocab_size: int, cfg, n_synthetic: int, rn
         return [([rng.choice(pool) for _ in range(8)], SYNTHETIC, "", None) for _ in range(n_synthetic)]
     from steer_megatron.data.rl_dataset import load_rl_parquets
 
-    rows, _ = load_rl_parquets([data], tokenizer, max_prompt_len=cfg.data.max_prompt_len, prompt_key=cfg.data.prompt_key)
+    rows, _ = load_rl_parquets([data], tokenizer, max_prompt_len=cfg.data.max_prompt_len, prompt_key=cfg.data.prompt_key,
+                               apply_chat_template=cfg.data.apply_chat_template)  # as the trainer builds its prompts
     return [(r.prompt_ids, r.data_source, r.ground_truth, r.reward_style) for r in rows]
 
 
-def _rewards(prompts, texts, outputs, n, num_workers) -> list[float]:
+def _rewards(prompts, texts, outputs, n, num_workers, routes=None) -> list[float]:
     if prompts[0][1] == SYNTHETIC:
         # Deterministic, varied within a group, unrelated to correctness: exercises both advantage signs.
         return [sum(t % 2 == 0 for t in o) / max(len(o), 1) for o in outputs]
     from steer_megatron.rewards.scorer import RewardScorer
 
     expand = lambda k: [prompts[i // n][k] for i in range(len(texts))]  # noqa: E731
-    with RewardScorer(num_workers=num_workers) as scorer:
+    with RewardScorer(num_workers=num_workers, routes=routes) as scorer:  # the config's reward.routes, as in training
         return scorer.score(expand(1), texts, expand(2), expand(3)).scores
 
 
@@ -196,11 +200,15 @@ def rollout_batch(engine, tok, prompts, cfg, *, n: int, max_new: int, temperatur
     from steer_megatron.rollout.types import Sample
     from steer_megatron.train.batch import samples_to_batch
 
+    # stop where the trainer's rollouts stop: EOS or pad (an instruct model's end-of-turn token)
+    stop = tuple(sorted({i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}))
     seqs = [SeqRequest(rid=f"p{i}", prompt=list(p[0]), max_new_tokens=max_new, temperature=temperature,
-                       seed=derive_seed(f"p{i}", j, seed)) for i, p in enumerate(prompts) for j in range(n)]
+                       stop_token_ids=stop, seed=derive_seed(f"p{i}", j, seed))
+            for i, p in enumerate(prompts) for j in range(n)]
     engine.generate(seqs)
     texts = [tok.decode(s.output_ids, skip_special_tokens=True) for s in seqs]
-    rewards = torch.tensor(_rewards(prompts, texts, [s.output_ids for s in seqs], n, cfg.reward.num_workers)).view(-1, n)
+    rewards = torch.tensor(_rewards(prompts, texts, [s.output_ids for s in seqs], n, cfg.reward.num_workers,
+                                    cfg.reward.routes)).view(-1, n)
     keep = informative_groups(rewards)
     stats = {"prompts": len(prompts), "groups_kept": int(keep.sum()), "mean_reward": float(rewards.mean()),
              "samples_per_prompt": n, "max_new_tokens": max_new, "temperature": temperature}
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         rollout_dir = hf_dir or _export_ckpt_to_hf(ckpt, cfg, os.path.join(tmp, "hf"))
         batch, batch_stats = build_batch(rollout_dir, args.data or default_data, cfg, args)
     t_rollout = time.perf_counter() - t0
-    results = spawn_ranks(measure_rank, args.tp, cfg, hf_dir, ckpt, batch, lrs)[0]
+    print(f"rollout batch ({t_rollout:.0f} s): {batch_stats}", flush=True)
+    results = spawn_ranks(measure_rank, args.tp, cfg, hf_dir, ckpt, batch, lrs, timeout=args.timeout)[0]
     reports = []
     for data in results:
         lr = data.meta["lr"]

@@ -59,3 +59,23 @@ def integer_reward(completion: str, ground_truth: str) -> float:
     if not _INT.match(answer) or not _INT.match(ground_truth.strip()):
         return 0.0
     return 1.0 if int(answer) == int(ground_truth) else 0.0
+
+
+_LAST_INT = re.compile(r"[-+]?\d[\d,]{0,40}")
+
+
+@register_reward("last_integer", sandboxed=False)
+def last_integer_reward(completion: str, ground_truth: str) -> float:
+    """`integer`, but a reply without an "Answer:" line or \\boxed{} is read at its last integer.
+
+    For a small instruct model whose replies rarely follow the requested answer format (SmolLM2-135M
+    on the arithmetic task): the strict reward spends a short CPU run teaching the format, this one
+    scores the arithmetic. Route a task to it with `reward.routes: {synthetic_arith: last_integer}`.
+    """
+    if extract_final_answer(completion) is not None:
+        return integer_reward(completion, ground_truth)
+    numbers = _LAST_INT.findall(completion)
+    if not numbers or not _INT.match(ground_truth.strip()):
+        return 0.0
+    answer = numbers[-1].replace(",", "")
+    return 1.0 if _INT.match(answer) and int(answer) == int(ground_truth) else 0.0

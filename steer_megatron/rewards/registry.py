@@ -104,7 +104,7 @@ def _ensure_builtins() -> None:
     _builtins_loaded = True
     import steer_megatron.rewards.code_reward  # noqa: F401  (registers "code")
     import steer_megatron.rewards.dapo  # noqa: F401  (registers "dapo_strict_box" and "dapo_answer")
-    import steer_megatron.rewards.math_rules  # noqa: F401  (registers "math" and "integer")
+    import steer_megatron.rewards.math_rules  # noqa: F401  (registers "math", "integer", "last_integer")
 
     for pattern in (
         "math_dapo", "aime*", "amc*", "math500", "math", "minerva_math", "olympiadbench*",

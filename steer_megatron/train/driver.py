@@ -191,6 +191,9 @@ class Driver:
         actor = {f"actor/{k}": sum(m.get(k, 0.0) for m in rank_metrics) / len(rank_metrics) for k in keys}
         actor[names.ENTROPY] = actor.pop("actor/entropy_mean", float("nan"))
         metrics = {**(rollout_metrics or {}), **actor, **timing, "actor/lr": lr, **(diag or {})}
+        for phase in ("old_logprob", "update"):  # tokens/s of the trainer's forward (+ backward) passes
+            if timing.get(f"timing/{phase}_s") and "rollout/batch_tokens" in metrics:
+                metrics[f"timing/{phase}_tokens_per_s"] = metrics["rollout/batch_tokens"] / timing[f"timing/{phase}_s"]
         if report is not None:
             metrics["sync/seconds"] = report.seconds
             if report.parity is not None:

@@ -82,6 +82,8 @@ def groups_to_batch(groups: Sequence[Group], adv, *, pad_id: int, policy_version
     metrics = {
         names.REWARD: float(rewards.mean()), names.ACCURACY: float((rewards > 0.5).float().mean()),
         names.RESPONSE_LENGTH: float(lengths.mean()), "rollout/response_length_max": float(lengths.max()),
+        # prompt + response tokens the trainer's passes run over (their tokens/s in Driver.finish_step)
+        "rollout/batch_tokens": float(sum(len(p) for p in prompts) + lengths.sum()),
         "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
         "rollout/groups_all_equal_frac": float((rewards == rewards[:, :1]).all(1).float().mean()),
         "rollout/weight_version": float(samples[0].weight_version or 0),
