@@ -93,11 +93,13 @@ class RolloutConfig:
 
 @dataclass
 class SteerConfig:
-    form: str = "release"  # release | paper | exact (../shared/DESIGN.md section 1)
+    form: str = "release"  # release | paper | exact (../shared/DESIGN.md section 1) | attribution (README "STEER forms")
     mapping: str = "exp"  # exp | linear
     w_min: float = 0.8
     w_max: float = 1.0
-    omega_floor: float = 0.02  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
+    # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor); null = the form's default
+    # (0.02 for release / paper / exact, 0 = relative for attribution: loss.steer.FORM_FLOORS)
+    omega_floor: Optional[float] = None
     # over which tokens min/max |Omega| are taken (README "STEER forms, groups, temperature and
     # aggregation"): micro_batch (as released; the release's per-GPU micro-batch is 8 sequences with
     # prompts mixed: trainer.micro_batch_size=8, trainer.balance_batch=true) | dp | mini_batch
@@ -395,7 +397,7 @@ _CHOICES = {
     "data.on_malformed": ("error", "skip"),
     "rollout.engine": ("cpu", "sglang"),
     "rollout.weight_sync": ("disk", "nccl"),
-    "algorithm.steer.form": ("release", "paper", "exact"),
+    "algorithm.steer.form": ("release", "paper", "exact", "attribution"),
     "algorithm.steer.mapping": ("exp", "linear"),
     "algorithm.steer.group": ("micro_batch", "dp", "mini_batch"),
     "algorithm.token_mean_over": ("mini_batch", "micro_batch"),

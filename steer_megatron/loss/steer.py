@@ -9,6 +9,10 @@ causes, per unit learning rate. Three forms (DESIGN.md section 1), with L(a) = l
            (its logit gradient is A * r * (e_o - pi), r = p / p_old); 0 where the clip (or dual
            clip) fired, since those tokens get no gradient. p, H and the sum p^2 terms all from the
            current policy.
+  attribution: A r D / N, each token's first-order contribution to the change of the whole batch's
+           summed entropy under the real (shared-weight, preconditioned) step, with
+           D = d/d eps log p(theta + eps * P grad_theta sum_i H_i); computed by the actor
+           (steer_megatron.train.attribution) before each mini-batch's step, 0 where the clip fired.
 The release and paper forms weight the log-prob gradient by A / p_old without the factor p, which
 is not the surrogate's own step; `exact` is. The sign is the predicted direction of the entropy
 change; weights use |Omega|.
@@ -22,6 +26,10 @@ import torch
 import torch.distributed as dist
 
 FORMS = ("release", "paper", "exact")
+# Forms whose per-token values the actor computes from the model itself (not from token statistics):
+# the loss receives them in PolicyLossInputs.attribution.
+MODEL_FORMS = ("attribution",)
+ALL_FORMS = FORMS + MODEL_FORMS
 MAPPINGS = ("exp", "linear")
 # Over which tokens min/max |Omega| (the weights' normalisation) are taken:
 #   micro_batch: the valid tokens of the local micro-batch, at the current policy (as released);
@@ -31,6 +39,11 @@ MAPPINGS = ("exp", "linear")
 #                depend on how the mini-batch is split into micro-batches or DP ranks.
 GROUPS = ("micro_batch", "dp", "mini_batch")
 OMEGA_FLOOR = 0.02  # the release's floor on max|Omega| for the exp mapping
+# The exp mapping's default floor per form. 0.02 fits the tabular Omega's scale (nats per unit
+# LR on one softmax); the attribution is per unit LR of the whole step divided by the token count,
+# orders of magnitude smaller and batch-size dependent, so its floor is 0: relative, the token with
+# the largest |dH_total_j| gets w_min. steer.omega_floor, when set, overrides the form's default.
+FORM_FLOORS = {"release": OMEGA_FLOOR, "paper": OMEGA_FLOOR, "exact": OMEGA_FLOOR, "attribution": 0.0}
 _P_EPS = 1e-8
 
 
@@ -41,21 +54,27 @@ class SteerConfig:
     w_min: float = 0.8
     w_max: float = 1.0
     group: str = "micro_batch"  # over which tokens min/max |Omega| are taken (GROUPS)
-    omega_floor: float = OMEGA_FLOOR  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
+    # exp mapping: k = -ln(w_min) / max(max|Omega|, floor); None = the form's default (FORM_FLOORS)
+    omega_floor: float | None = None
 
     def __post_init__(self):
-        if self.form not in FORMS:
-            raise ValueError(f"steer.form={self.form!r}: choose one of {FORMS}")
+        if self.form not in ALL_FORMS:
+            raise ValueError(f"steer.form={self.form!r}: choose one of {ALL_FORMS}")
         if self.mapping not in MAPPINGS:
             raise ValueError(f"steer.mapping={self.mapping!r}: choose one of {MAPPINGS}")
         if self.group not in GROUPS:
             raise ValueError(f"steer.group={self.group!r}: choose one of {GROUPS}")
         if not 0 < self.w_min <= self.w_max:
             raise ValueError(f"steer.w_min={self.w_min}, steer.w_max={self.w_max}: need 0 < w_min <= w_max")
-        if self.omega_floor <= 0:
-            raise ValueError(f"steer.omega_floor={self.omega_floor} must be > 0")
+        if self.omega_floor is not None and self.omega_floor < 0:
+            raise ValueError(f"steer.omega_floor={self.omega_floor} must be >= 0 (or null for the form's default)")
         if self.mapping == "exp" and self.w_min > 1:
             raise ValueError(f"steer.w_min={self.w_min}: the exp mapping needs w_min <= 1 (weights lie in [w_min, 1])")
+
+    @property
+    def floor(self) -> float:
+        """The exp mapping's floor on max|Omega| for this form."""
+        return FORM_FLOORS[self.form] if self.omega_floor is None else self.omega_floor
 
 
 def omega(
@@ -76,6 +95,9 @@ def omega(
     clip_mask: `paper` and `exact`, True where the PPO clip (or dual clip) fired: the loss gives those
         tokens no gradient, so I_clip = 0 there (`release` ignores it, as released).
     """
+    if form in MODEL_FORMS:
+        raise ValueError(f"omega form={form!r} is computed from the model by the actor "
+                         "(steer_megatron.train.attribution), not from token statistics")
     if form not in FORMS:
         raise ValueError(f"omega form={form!r}: choose one of {FORMS}")
     with torch.no_grad():
@@ -158,7 +180,8 @@ def weights_from_omega(
 
 def _map(abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     if cfg.mapping == "exp":
-        k = -math.log(cfg.w_min) / torch.clamp(hi, min=cfg.omega_floor)
+        # a floor of 0 with every |Omega| 0 would divide by 0: the smallest normal keeps k finite (weights 1)
+        k = -math.log(cfg.w_min) / torch.clamp(hi, min=max(cfg.floor, torch.finfo(hi.dtype).tiny))
         w = torch.exp(-k * abs_omega).clamp(cfg.w_min, 1.0)
     else:
         span = hi - lo

