@@ -131,3 +131,53 @@ def test_attribution_matches_per_token_sgd_steps_and_the_full_step():
     print("pearson", r, "sum attr", float(out["attr"].sum()), "full", out["full"], attr[:8], out["single"][:8])
     assert r >= 0.95
     assert float(out["attr"].double().sum()) == pytest.approx(out["full"], rel=0.02)
+
+
+def layout_worker(tp: int, distributed: bool, weights=None):
+    """After one Adam update with the attribution form (Adam then has statistics: P is not the
+    identity), the attribution of the whole batch on this layout, and its finite-difference eps."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from steer_megatron.parallel import ParallelLayout, init_parallel
+    from steer_megatron.train.attribution import entropy_attribution
+
+    init_parallel(ParallelLayout(tp=tp), seed=3)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    weights = _weights() if weights is None else weights  # full (TP = 1) weights: built on one rank
+    actor = _actor(weights, tp, ps.get_tensor_model_parallel_rank(), optimizer="adam", lr=1e-3,
+                   policy_loss="steer", mini=8 // dp, distributed=distributed)
+    batch = _batch().dp_slice(dp_rank, dp)
+    actor.old_pass(batch)
+    actor.update(batch)  # the steer loss with form=attribution: exercises the whole update path
+    actor.old_pass(batch)
+    attr, stats = entropy_attribution(actor, batch, _batch().loss_mask.sum())
+    if dp > 1:
+        pieces = [torch.empty_like(attr) for _ in range(dp)]
+        dist.all_gather(pieces, attr, group=ps.get_data_parallel_group())
+        attr = torch.cat(pieces)
+    return dict(attr=attr, eps=stats["attr_eps"], logp=batch.old_log_prob, weights=weights)
+
+
+def test_attribution_is_the_same_under_tp2_and_dp2_with_the_distributed_optimizer():
+    from steer_megatron.parallel import spawn_ranks
+
+    (ref,) = spawn_ranks(layout_worker, 1, 1, False)
+    tp2 = spawn_ranks(layout_worker, 2, 2, False, ref["weights"])
+    dp2 = spawn_ranks(layout_worker, 2, 1, True, ref["weights"])
+    mask = _batch().loss_mask
+    adv = _batch().advantages
+    # Each D_j is a difference of two fp32 log-probs divided by eps; a layout's different
+    # reduction order moves each log-prob by a few fp32 ulps of |log p| (values ~ 5), so
+    # |dA_j| <~ 8 ulp * |log p| / eps * |A_j| / N, plus the same relative error on the step itself.
+    ulp = torch.finfo(torch.float32).eps
+    n = float(mask.sum())
+    bound = 8 * ulp * float(ref["logp"][mask].abs().max()) / ref["eps"] * float(adv.abs().max()) / n
+    spread = float(ref["attr"][mask].abs().max())
+    print("bound", bound, "max |attr|", spread)
+    # assert bound < 0.05 * spread, "the tolerance would not test anything"
+    for name, out in (("tp2", tp2), ("dp2+distopt", dp2)):
+        for rank_out in out:
+            diff = float((rank_out["attr"] - ref["attr"])[mask].abs().max())
+            print(name, "max diff", diff)
+            print(name, "rel", diff / spread, float(rank_out["eps"]), ref["eps"])
