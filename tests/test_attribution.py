@@ -175,9 +175,34 @@ def test_attribution_is_the_same_under_tp2_and_dp2_with_the_distributed_optimize
     bound = 8 * ulp * float(ref["logp"][mask].abs().max()) / ref["eps"] * float(adv.abs().max()) / n
     spread = float(ref["attr"][mask].abs().max())
     print("bound", bound, "max |attr|", spread)
-    # assert bound < 0.05 * spread, "the tolerance would not test anything"
+    assert bound < 0.05 * spread, "the tolerance would not test anything"
     for name, out in (("tp2", tp2), ("dp2+distopt", dp2)):
         for rank_out in out:
             diff = float((rank_out["attr"] - ref["attr"])[mask].abs().max())
             print(name, "max diff", diff)
-            print(name, "rel", diff / spread, float(rank_out["eps"]), ref["eps"])
+            assert diff <= bound, f"{name}: max |attribution - TP=1's| = {diff:.3g} > {bound:.3g}"
+
+
+def test_attribution_floor_is_relative_and_omega_refuses_the_model_form():
+    from steer_megatron.loss.steer import SteerConfig, omega, weights_from_omega
+
+    vals = torch.tensor([1e-6, 4e-6, 2e-6, 0.0])  # attribution scale: far below the tabular floor 0.02
+    mask = torch.tensor([True, True, True, False])
+    w = weights_from_omega(vals, mask, SteerConfig(form="attribution", w_min=0.5))
+    # relative: the largest contributor gets w_min, the others exp(-ln(1/w_min) |v| / max|v|)
+    torch.testing.assert_close(w, torch.tensor([0.5 ** 0.25, 0.5, 0.5 ** 0.5, 0.0]))
+    tabular = weights_from_omega(vals, mask, SteerConfig(form="release", w_min=0.5))
+    assert float(tabular[:3].min()) > 0.999  # 0.02 floor: these values would barely move a weight
+    pinned = weights_from_omega(vals, mask, SteerConfig(form="attribution", w_min=0.5, omega_floor=8e-6))
+    assert float(pinned[1]) == pytest.approx(0.5 ** 0.5)
+    assert torch.equal(weights_from_omega(torch.zeros(3), torch.ones(3, dtype=torch.bool),
+                                          SteerConfig(form="attribution")), torch.ones(3))
+    with pytest.raises(ValueError, match="computed from the model"):
+        omega(vals, vals, vals, vals, form="attribution")
+
+
+def test_attribution_refuses_bf16_weights():
+    from steer_megatron.train.attribution import check_supported
+
+    with pytest.raises(ValueError, match="fp32"):
+        check_supported(torch.nn.Linear(2, 2).to(torch.bfloat16))

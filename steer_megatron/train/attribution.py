@@ -25,6 +25,11 @@ import torch.distributed as dist
 # |weight| (both taken over every rank). Small enough for the forward difference's O(eps) error,
 # large enough that the log-prob change stands well above fp32 rounding (README "STEER forms").
 FD_REL_STEP = 1e-4
+# Adam's denominators are floored at this fraction of the largest one (over every rank). Weights
+# the past steps never moved (v = 0: embedding rows of tokens not seen yet) would otherwise get
+# P = 1 / adam_eps ~ 1e8 and set P g_H's direction alone; the real step bounds them through the
+# current gradient (v picks up (1 - beta2) g^2 first), which is not known before the step.
+ADAM_DENOM_FLOOR = 1e-3
 
 
 def _subs(optimizer) -> list:
@@ -40,19 +45,24 @@ def check_supported(model: torch.nn.Module) -> None:
                          "parameters (model.dtype=float32, optim bf16 off) or use another steer.form")
 
 
-def preconditioned(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
-    """P * p.grad for one optimizer parameter: Adam's 1 / (sqrt(v_hat) + eps) from the current
-    (pre-step) second moment, identity when Adam has no statistics yet or for SGD."""
-    g = p.grad
+def adam_root(opt: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(sqrt(v_hat), eps) of Adam's current (pre-step) state for p; None for SGD or before Adam's first step."""
     state = opt.state.get(p, {})
-    if "exp_avg_sq" not in state:
-        return g.float()
+    if "exp_avg_sq" not in state or float(state["step"]) <= 0:
+        return None
     group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
-    step = float(state["step"])
-    if step <= 0:
-        return g.float()
-    bc2 = 1 - group["betas"][1] ** step
-    return g.float() / ((state["exp_avg_sq"].float() / bc2).sqrt() + group["eps"])
+    bc2 = 1 - group["betas"][1] ** float(state["step"])
+    return (state["exp_avg_sq"].float() / bc2).sqrt(), group["eps"]
+
+
+def preconditioned(opt: torch.optim.Optimizer, p: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """P * p.grad for one optimizer parameter: Adam's 1 / (max(sqrt(v_hat), floor) + eps) from the
+    current second moment, identity when Adam has no statistics yet or for SGD."""
+    root = adam_root(opt, p)
+    if root is None:
+        return p.grad.float()
+    r, eps = root
+    return p.grad.float() / (r.clamp(min=floor) + eps)
 
 
 def _world_max(x: float, device) -> float:
@@ -108,8 +118,11 @@ def entropy_attribution(actor, mini, normalizer: torch.Tensor | float | None) ->
     # 2. v = P g_H where the optimizer's parameters live; eps from the largest |v| and |theta| anywhere.
     pairs = [(opt, p) for sub in _subs(optimizer) for opt in [sub.optimizer]
              for gr in opt.param_groups for p in gr["params"] if p.grad is not None]
-    dirs = [preconditioned(opt, p) for opt, p in pairs]
-    device = dirs[0].device if dirs else torch.device("cpu")
+    device = pairs[0][1].device if pairs else torch.device("cpu")
+    roots = [adam_root(opt, p) for opt, p in pairs]
+    r_max = _world_max(max((float(r[0].max()) for r in roots if r is not None and r[0].numel()), default=0.0), device)
+    dirs = [preconditioned(opt, p, ADAM_DENOM_FLOOR * r_max) for opt, p in pairs]
+    del roots
     v_max = _world_max(max((float(d.abs().max()) for d in dirs if d.numel()), default=0.0), device)
     w_max = _world_max(max((float(p.detach().abs().max()) for _, p in pairs if p.numel()), default=0.0), device)
     eps = FD_REL_STEP * w_max / v_max if v_max > 0 else 0.0
@@ -141,4 +154,4 @@ def entropy_attribution(actor, mini, normalizer: torch.Tensor | float | None) ->
     ratio = (logp.float() - mini.old_log_prob.float()).exp()
     norm = 1.0 if normalizer is None else float(normalizer)
     attr = torch.where(mask, mini.advantages.float() * ratio * d / norm, torch.zeros_like(d))
-    return attr, {"attr_eps": eps, "attr_sum": float(attr.sum())}
+    return attr, {"attr_eps": eps, "attr_sum": float(attr.sum()), "adam_denom_floor": ADAM_DENOM_FLOOR * r_max}
