@@ -12,7 +12,7 @@ applied to the optimizer's own fp32 parameters (the model's parameters, or the d
 optimizer's shards where they live), each saved first and copied back bit for bit; model
 parameters in bf16 cannot resolve eps P g_H and are refused. Extra memory: one copy of the
 optimizer's parameters (1 / DP of the weights under the distributed optimizer) while the
-perturbed forward runs, plus the gradient buffer the update uses anyway.
+perturbed forward runs, P g_H one tensor at a time, and the gradient buffer the update uses anyway.
 
 Collective: every rank of the model calls it together. Values live on the last pipeline stage.
 """
@@ -119,11 +119,12 @@ def entropy_attribution(actor, mini, normalizer: torch.Tensor | float | None) ->
     pairs = [(opt, p) for sub in _subs(optimizer) for opt in [sub.optimizer]
              for gr in opt.param_groups for p in gr["params"] if p.grad is not None]
     device = pairs[0][1].device if pairs else torch.device("cpu")
-    roots = [adam_root(opt, p) for opt, p in pairs]
-    r_max = _world_max(max((float(r[0].max()) for r in roots if r is not None and r[0].numel()), default=0.0), device)
-    dirs = [preconditioned(opt, p, ADAM_DENOM_FLOOR * r_max) for opt, p in pairs]
-    del roots
-    v_max = _world_max(max((float(d.abs().max()) for d in dirs if d.numel()), default=0.0), device)
+    roots = (adam_root(opt, p) for opt, p in pairs if p.numel())  # a generator: one tensor at a time
+    r_max = _world_max(max((float(r[0].max()) for r in roots if r is not None), default=0.0), device)
+    floor = ADAM_DENOM_FLOOR * r_max
+    # P g_H one tensor at a time (twice: its max sets eps, then the step): never a whole second copy
+    v_max = _world_max(max((float(preconditioned(opt, p, floor).abs().max()) for opt, p in pairs if p.numel()),
+                           default=0.0), device)
     w_max = _world_max(max((float(p.detach().abs().max()) for _, p in pairs if p.numel()), default=0.0), device)
     eps = FD_REL_STEP * w_max / v_max if v_max > 0 else 0.0
 
@@ -132,9 +133,8 @@ def entropy_attribution(actor, mini, normalizer: torch.Tensor | float | None) ->
         saved = [p.detach().clone() for _, p in pairs]
         try:
             with torch.no_grad():
-                for (_, p), d in zip(pairs, dirs):
-                    p.add_(d.to(p.dtype), alpha=eps)
-            del dirs
+                for opt, p in pairs:
+                    p.add_(preconditioned(opt, p, floor).to(p.dtype), alpha=eps)
             _sync_model_from_optimizer(optimizer, model)
             st = actor._stats(mini, False)
             logp_pert = None if st is None else st["logprob"]
