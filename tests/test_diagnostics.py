@@ -128,6 +128,19 @@ def test_report_is_json_safe_with_undefined_statistics():
     assert rep["forms"]["flat"]["pearson"] is None and rep["forms"]["exact"]["pearson"] == pytest.approx(1.0)
 
 
+def test_first_order_check_flags_a_measurement_that_does_not_resolve_the_step():
+    from steer_megatron.diagnostics.entropy_change import first_order_check
+
+    g = torch.Generator().manual_seed(0)
+    fo = torch.randn(200, generator=g, dtype=torch.float64) * 1e-4
+    good = first_order_check(fo, fo * 1.02 + 1e-7 * torch.randn(200, generator=g, dtype=torch.float64))
+    assert good["ok"] and good["slope"] == pytest.approx(1.02, abs=0.01)
+    noisy = first_order_check(fo, fo + 1e-4 * torch.randn(200, generator=g, dtype=torch.float64))  # noise ~ signal
+    assert not noisy["ok"] and noisy["verdict"].startswith("BROKEN")
+    curved = first_order_check(fo, 1.5 * fo)  # perfectly correlated but past the linear regime
+    assert not curved["ok"]
+
+
 def test_plots_write_png(tmp_path):
     from steer_megatron.diagnostics import plot_binned_scatter, plot_entropy_relation
 
@@ -228,6 +241,10 @@ def test_probe_measures_real_update_and_leaves_training_unchanged():
     for f in ("release", "paper", "exact"):
         assert math.isfinite(m[f"diag/pearson_{f}"]) and math.isfinite(m[f"diag/spearman_{f}"])
     assert rep["measured"]["std"] > 0 and rep["meta"]["update_metrics"]["grad_norm"] > 0  # the step really ran
+    # the parameter-space first order along the real step, next to the forms (fp32: must hold)
+    fo = rep["first_order"]
+    assert fo["ok"] and m["diag/first_order_ok"] == 1.0, fo["verdict"]
+    assert fo["pearson"] >= 0.98 and fo["slope"] == pytest.approx(1.0, abs=0.1)
     assert out["unchanged"], "the probe changed the model weights"
     assert out["same_after"], "training after a probe differs from training without it (optimizer/scheduler/RNG)"
     assert out["independent"].abs().max() > 1e-4  # the step moved the entropies measurably

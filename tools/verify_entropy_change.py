@@ -305,7 +305,14 @@ def _print(reports: list[dict]) -> None:
                       fmt(s["top_entropy_quintile"]["spearman"]),
                       f"{s['total']['fitted_scale']:.3g}" if s["total"]["fitted_scale"] is not None else "n/a",
                       fmt(s["total"]["holdout_ratio"]))
+        fo = rep.get("first_order")
+        if fo is not None:  # the parameter-space first order along the actual update, next to the forms
+            ratio = fo["first_order_sum"] / fo["measured_sum"] if fo["measured_sum"] else None
+            t.add_row("first order (grad H . delta)", fmt(fo["pearson"]), fmt(fo["spearman"]),
+                      fmt(fo["sign_agreement"]), "", fmt(fo["slope"]), fmt(ratio))
         con.print(t)
+        if fo is not None:
+            con.print(f"measurement check: {fo['verdict']}")
         q = Table(title="quadrants (A sign x p_old high/low)")
         for col in ("quadrant", "tokens", "mean dH", "frac dH<0"):
             q.add_column(col)

@@ -38,12 +38,15 @@ class EntropyChangeData:
     prob: torch.Tensor  # p_old(o | s): the token's probability before the step
     entropy: torch.Tensor  # H(pi_old(. | s)) before the step
     ratio_after: torch.Tensor | None = None  # pi_new(o|s) / pi_old(o|s) after the step
+    # grad_theta H_i . delta_theta along the actual update (nats), by central difference:
+    # (H(theta + delta) - H(theta - delta)) / 2; None when the weights could not be mirrored
+    first_order: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)  # lr, loss, counts... copied into the report
 
     def __post_init__(self):
         n = self.measured.shape
         for name, t in [("advantages", self.advantages), ("prob", self.prob), ("entropy", self.entropy),
-                        ("ratio_after", self.ratio_after), *self.omega.items()]:
+                        ("ratio_after", self.ratio_after), ("first_order", self.first_order), *self.omega.items()]:
             if t is not None and t.shape != n:
                 raise ValueError(f"EntropyChangeData.{name} has shape {tuple(t.shape)}, expected {tuple(n)} like measured")
 
@@ -128,6 +131,31 @@ def total_agreement(predicted: torch.Tensor, measured: torch.Tensor) -> dict:
         "holdout_predicted_sum": held_pred,
         "holdout_ratio": held_pred / held_meas if held_meas != 0 else math.nan,
         "holdout_sign_match": (held_pred > 0) == (held_meas > 0),
+    }
+
+
+# The parameter-space first order must predict the measured change nearly perfectly when the
+# measurement is sound (fp32 weights, a step inside the linear regime): the issue-19 real-model
+# run found Pearson 1.000. Below these the report flags the measurement as broken.
+FIRST_ORDER_MIN_PEARSON = 0.98
+FIRST_ORDER_SLOPE_BAND = (0.9, 1.1)
+
+
+def first_order_check(first_order: torch.Tensor, measured: torch.Tensor) -> dict:
+    """The measured per-token change against grad H_i . delta_theta: Pearson, the least-squares
+    slope (1 when the step is first order), the totals, and a verdict."""
+    r, slope = pearson(first_order, measured), fit_scale(first_order, measured)
+    sign, _ = sign_agreement(first_order, measured)
+    lo, hi = FIRST_ORDER_SLOPE_BAND
+    ok = math.isfinite(r) and r >= FIRST_ORDER_MIN_PEARSON and math.isfinite(slope) and lo <= slope <= hi
+    return {
+        "pearson": r, "spearman": spearman(first_order, measured), "sign_agreement": sign, "slope": slope,
+        "first_order_sum": float(first_order.double().sum()), "measured_sum": float(measured.double().sum()),
+        "ok": ok,
+        "verdict": "ok: the measured change is the step's first order" if ok else (
+            f"BROKEN: measured vs first order Pearson {r:.3f} (need >= {FIRST_ORDER_MIN_PEARSON}), slope {slope:.3f} "
+            f"(need {lo}-{hi}): the measurement does not resolve the step (bf16 weights, fp32 noise at a tiny LR, "
+            "or an LR past the linear regime); the Omega statistics of this report are not evidence"),
     }
 
 
@@ -240,6 +268,8 @@ def analyze(
         "entropy_relation": entropy_relation(data, max(2, n_bins // 2)),
         "meta": data.meta,
     }
+    if data.first_order is not None:
+        report["first_order"] = first_order_check(data.first_order, data.measured)
     return _clean(report)
 
 
@@ -252,6 +282,11 @@ def flat_metrics(report: dict, prefix: str = "diag/") -> dict[str, float]:
         out[f"{prefix}sign_agree_{f}"] = s["sign_agreement"]
         out[f"{prefix}total_ratio_{f}"] = s["total"]["holdout_ratio"]
         out[f"{prefix}spearman_top_entropy_{f}"] = s["top_entropy_quintile"]["spearman"]
+    fo = report.get("first_order")
+    if fo is not None:
+        out[f"{prefix}pearson_first_order"] = fo["pearson"]
+        out[f"{prefix}slope_first_order"] = fo["slope"]
+        out[f"{prefix}first_order_ok"] = float(fo["ok"])
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

@@ -43,16 +43,18 @@ def _concat(pieces: list[EntropyChangeData]) -> EntropyChangeData:
     """The DP ranks' per-token data as one batch."""
     cat = lambda name: torch.cat([getattr(p, name) for p in pieces])  # noqa: E731
     ratio = None if pieces[0].ratio_after is None else cat("ratio_after")
+    first = None if pieces[0].first_order is None else cat("first_order")
     meta = {**pieces[0].meta, "sequences": sum(p.meta.get("sequences", 0) for p in pieces), "dp_slices": len(pieces)}
     omega = {f: torch.cat([p.omega[f] for p in pieces]) for f in pieces[0].omega}
     return EntropyChangeData(measured=cat("measured"), omega=omega, advantages=cat("advantages"), prob=cat("prob"),
-                             entropy=cat("entropy"), ratio_after=ratio, meta=meta)
+                             entropy=cat("entropy"), ratio_after=ratio, first_order=first, meta=meta)
 
 
 def _to_cpu(d: EntropyChangeData) -> EntropyChangeData:
     return dataclasses.replace(d, **{f: getattr(d, f).cpu() for f in ("measured", "advantages", "prob", "entropy")},
                                omega={k: v.cpu() for k, v in d.omega.items()},
-                               ratio_after=None if d.ratio_after is None else d.ratio_after.cpu())
+                               ratio_after=None if d.ratio_after is None else d.ratio_after.cpu(),
+                               first_order=None if d.first_order is None else d.first_order.cpu())
 
 
 class DiagnosticsHook:

@@ -142,6 +142,7 @@ def measure_entropy_change(
         used_lr = float(torch_optimizers(actor.optimizer)[0].param_groups[0]["lr"])  # what step() applies
         metrics = stepper.update(work)
         after = _full_stats(actor, batch)
+        mirror = _mirrored_stats(actor, batch, snap) if snap is not None else None
     finally:
         if snap is not None:
             snap.restore()
@@ -155,10 +156,21 @@ def measure_entropy_change(
         omega=omega_forms(adv, lp, before.entropy[mask], before.sum_p2[mask], before.sum_p2_logp[mask]),
         advantages=adv, prob=lp.exp(), entropy=before.entropy[mask],
         ratio_after=(after.log_prob[mask] - lp).exp(),
+        first_order=None if mirror is None else ((after.entropy - mirror.entropy) / 2)[mask],
         meta={"lr": used_lr, "policy_loss": actor.cfg.policy_loss, "sequences": len(batch),
               "update_metrics": {k: float(v) for k, v in metrics.items()}},
     )
     return data, metrics
+
+
+@torch.no_grad()
+def _mirrored_stats(actor: MegatronActor, batch: ActorBatch, snap: TrainingSnapshot) -> _Stats | None:
+    """Statistics at theta - delta (every trained tensor mirrored through its saved value), so that
+    (H(theta + delta) - H(theta - delta)) / 2 is grad H . delta up to third order: the parameter-space
+    first order along the actual update, without a JVP through megatron's layers. The caller restores."""
+    for live, saved in snap.params:
+        live.copy_(2 * saved - live)
+    return _full_stats(actor, batch)
 
 
 def _set_lr(actor: MegatronActor, lr: float) -> None:

@@ -38,6 +38,8 @@ class PolicyLossInputs:
     token_normalizer: float | torch.Tensor | None = None  # see aggregation.aggregate
     dp_group: object = None  # for steer.group == "dp"
     omega_range: torch.Tensor | None = None  # steer.group == "mini_batch": [min, max] |Omega| (steer.old_policy_omega_range)
+    # steer.form == "attribution": each token's dH_total_j per unit LR, A r D / N (steer_megatron.train.attribution)
+    attribution: torch.Tensor | None = None
     # Identifies this call (step, epoch, mini-batch, micro-batch, DP rank) for losses that draw
     # random numbers (clip_cov): with the run seed it fixes the draw, equal on every TP rank.
     draw_key: tuple = ()
@@ -152,7 +154,13 @@ def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     ratio = _ratio(inp)
     loss, clipped, metrics = _ppo_clip(inp.advantages, ratio, inp.mask, cfg)
     sc = cfg.steer
-    if sc.form == "exact":
+    if sc.form == "attribution":
+        if inp.attribution is None:
+            raise ValueError("steer form 'attribution' needs PolicyLossInputs.attribution (MegatronActor.update "
+                             "computes it per mini-batch with steer_megatron.train.attribution.entropy_attribution)")
+        # clipped tokens get no gradient, so they contribute nothing to the step's entropy change
+        om = torch.where(clipped, torch.zeros_like(inp.attribution), inp.attribution.detach().float())
+    elif sc.form == "exact":
         if inp.entropy is None or inp.sum_p2 is None or inp.sum_p2_logp is None:
             raise ValueError("steer form 'exact' needs entropy, sum_p2 and sum_p2_logp of the current policy (token_stats)")
         om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.entropy, form="exact",

@@ -20,6 +20,15 @@ MAPPINGS = ("exp", "linear")
 #                depend on how the mini-batch is split into micro-batches or DP ranks.
 GROUPS = ("micro_batch", "dp", "mini_batch")
 OMEGA_FLOOR = 0.02  # the release's floor on max|Omega| for the exp mapping
+# Forms whose per-token values the actor computes from the model itself (not from token statistics):
+# the loss receives them in PolicyLossInputs.attribution (train/attribution.py).
+MODEL_FORMS = ("attribution",)
+ALL_FORMS = FORMS + MODEL_FORMS
+# The exp mapping's default floor per form. 0.02 fits the tabular Omega's scale (nats per unit
+# LR on one softmax); the attribution is per unit LR of the whole step divided by the token count,
+# orders of magnitude smaller and batch-size dependent, so its floor is 0: relative, the token with
+# the largest |dH_total_j| gets w_min. steer.omega_floor, when set, overrides the form's default.
+FORM_FLOORS = {"release": OMEGA_FLOOR, "paper": OMEGA_FLOOR, "exact": OMEGA_FLOOR, "attribution": 0.0}
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k3")
 CORRECTION_MODES = ("none", "truncate", "icepop", "mask")
@@ -35,11 +44,12 @@ def _choice(key: str, value, choices) -> None:
 class SteerConfig:
     """`algorithm.steer`: how Omega is formed and mapped to token weights (loss/steer.py)."""
 
-    form: str = "release"  # release | paper | exact
+    form: str = "release"  # release | paper | exact | attribution (README "STEER forms")
     mapping: str = "exp"  # exp | linear
     w_min: float = 0.8
     w_max: float = 1.0
-    omega_floor: float = OMEGA_FLOOR  # exp mapping: k = -ln(w_min) / max(max|Omega|, omega_floor)
+    # exp mapping: k = -ln(w_min) / max(max|Omega|, floor); None = the form's default (FORM_FLOORS)
+    omega_floor: float | None = None
     # over which tokens min/max |Omega| are taken (GROUPS; README "STEER forms, groups, temperature
     # and aggregation"): micro_batch (as released; the release's per-GPU micro-batch is 8 sequences
     # with prompts mixed: trainer.micro_batch_size=8, trainer.balance_batch=true) | dp | mini_batch
@@ -47,17 +57,23 @@ class SteerConfig:
     group: str = "micro_batch"
 
     def __post_init__(self):
-        _choice("algorithm.steer.form", self.form, FORMS)
+        _choice("algorithm.steer.form", self.form, ALL_FORMS)
         _choice("algorithm.steer.mapping", self.mapping, MAPPINGS)
         _choice("algorithm.steer.group", self.group, GROUPS)
         if not 0 < self.w_min <= self.w_max:
             raise ValueError(f"algorithm.steer.w_min={self.w_min}, w_max={self.w_max}: need 0 < w_min <= w_max")
-        if not self.omega_floor > 0:
-            raise ValueError(f"algorithm.steer.omega_floor={self.omega_floor} must be > 0")
+        if self.omega_floor is not None and self.omega_floor < 0:
+            raise ValueError(f"algorithm.steer.omega_floor={self.omega_floor} must be >= 0 "
+                             f"(or null for the form's default)")
         # w_min = 1 is plain GRPO (k = 0, every weight 1): the closed loop's upper bound
         if self.mapping == "exp" and self.w_min > 1:
             raise ValueError(f"algorithm.steer.w_min={self.w_min}: the exp mapping needs w_min <= 1 "
                              f"(its weights lie in [w_min, 1])")
+
+    @property
+    def floor(self) -> float:
+        """The exp mapping's floor on max|Omega| for this form."""
+        return FORM_FLOORS[self.form] if self.omega_floor is None else self.omega_floor
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ causes, per unit learning rate. Three forms (DESIGN.md section 1), with L(a) = l
            (its logit gradient is A * r * (e_o - pi), r = p / p_old); 0 where the clip (or dual
            clip) fired, since those tokens get no gradient. p, H and the sum p^2 terms all from the
            current policy.
+  attribution: A r D / N, each token's first-order contribution to the change of the whole batch's
+           summed entropy under the real (shared-weight, preconditioned) step, with
+           D = d/d eps log p(theta + eps * P grad_theta sum_i H_i); computed by the actor
+           (steer_megatron.train.attribution) before each mini-batch's step, 0 where the clip fired.
 The release and paper forms weight the log-prob gradient by A / p_old without the factor p, which
 is not the surrogate's own step; `exact` is. The sign is the predicted direction of the entropy
 change; weights use |Omega|.
@@ -19,7 +23,16 @@ import math
 import torch
 import torch.distributed as dist
 
-from steer_megatron.loss.schema import FORMS, GROUPS, MAPPINGS, OMEGA_FLOOR, SteerConfig  # noqa: F401 (re-exported)
+from steer_megatron.loss.schema import (  # noqa: F401 (re-exported)
+    ALL_FORMS,
+    FORM_FLOORS,
+    FORMS,
+    GROUPS,
+    MAPPINGS,
+    MODEL_FORMS,
+    OMEGA_FLOOR,
+    SteerConfig,
+)
 
 _P_EPS = 1e-8
 
@@ -42,6 +55,9 @@ def omega(
     clip_mask: `paper` and `exact`, True where the PPO clip (or dual clip) fired: the loss gives those
         tokens no gradient, so I_clip = 0 there (`release` ignores it, as released).
     """
+    if form in MODEL_FORMS:
+        raise ValueError(f"omega form={form!r} is computed from the model by the actor "
+                         "(steer_megatron.train.attribution), not from token statistics")
     if form not in FORMS:
         raise ValueError(f"omega form={form!r}: choose one of {FORMS}")
     with torch.no_grad():
@@ -124,7 +140,8 @@ def weights_from_omega(
 
 def _map(abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     if cfg.mapping == "exp":
-        k = -math.log(cfg.w_min) / torch.clamp(hi, min=cfg.omega_floor)
+        # a floor of 0 with every |Omega| 0 would divide by 0: the smallest normal keeps k finite (weights 1)
+        k = -math.log(cfg.w_min) / torch.clamp(hi, min=max(cfg.floor, torch.finfo(hi.dtype).tiny))
         w = torch.exp(-k * abs_omega).clamp(cfg.w_min, 1.0)
     else:
         span = hi - lo

@@ -33,7 +33,8 @@ from steer_megatron.train.packing import PackedMicroBatch, pack, plan_micro_batc
 
 TOKEN_MEAN_OVER = ("mini_batch", "micro_batch")
 # the per-token inputs of the policy loss that come with the batch (fixed before the step)
-_LOSS_DATA = ("old_log_prob", "advantages", "loss_mask", "old_entropy", "ref_log_prob", "rollout_log_prob")
+_LOSS_DATA = ("old_log_prob", "advantages", "loss_mask", "old_entropy", "ref_log_prob", "rollout_log_prob",
+              "steer_attribution")
 _log = logging.getLogger(__name__)
 
 
@@ -56,6 +57,8 @@ class ActorBatch:
     old_sum_p2: torch.Tensor | None = None
     old_sum_p2_logp: torch.Tensor | None = None
     rewards: torch.Tensor | None = None  # each sequence's reward on its response tokens (GTPO's estimator)
+    # STEER attribution: dH_total_j per unit LR, filled per mini-batch by update() (train/attribution.py)
+    steer_attribution: torch.Tensor | None = None
 
     def __post_init__(self):
         b, length = self.input_ids.shape
@@ -261,6 +264,14 @@ class MegatronActor:
         if _is_last_stage():
             apply_temperature(gpt, cfg.temperature)
         self._token_loss_form = False  # the fused head's gradient-in-forward form (head_forms.py)
+        if self._attribution():
+            from steer_megatron.train.attribution import check_supported
+
+            check_supported(model)
+            if cfg.loss.loss_agg_mode != "token-mean" or cfg.token_mean_over != "mini_batch":
+                raise ValueError("steer.form=attribution attributes the step of a token-mean loss over the mini-batch "
+                                 f"(each token weighted 1/N); got loss_agg_mode={cfg.loss.loss_agg_mode!r}, "
+                                 f"token_mean_over={cfg.token_mean_over!r}: use token-mean over mini_batch")
         if cfg.fused_lm_head and _is_last_stage():
             self._sequence_parallel = gpt.output_layer.sequence_parallel
             self._tap = _HiddenStatesTap()
@@ -504,14 +515,23 @@ class MegatronActor:
         if old_p2:
             batch.old_sum_p2, batch.old_sum_p2_logp = st["sum_p2"], st["sum_p2_logp"]
 
+    def _attribution(self) -> bool:
+        return self.cfg.policy_loss == "steer" and self.cfg.loss.steer.form == "attribution"
+
     def _mini_batch_stat(self, mini: ActorBatch):
         """The loss's per-mini-batch statistic (LossNeeds.mini_batch_stat; STEER's group=mini_batch
-        range of |Omega|) from the old pass's values of the whole mini-batch on every DP rank."""
+        range of |Omega|) from the old pass's values of the whole mini-batch on every DP rank, or for
+        steer.form=attribution from the mini-batch's attribution values."""
         from megatron.core import parallel_state as ps
 
         stat = self.needs().mini_batch_stat
         if stat is None or not _is_last_stage():
             return None
+        if self._attribution():
+            from steer_megatron.loss.steer import omega_range
+
+            group = ps.get_data_parallel_group() if dist.is_initialized() else None
+            return omega_range(mini.steer_attribution.abs(), mini.loss_mask, dp_group=group)
         group = ps.get_data_parallel_group() if dist.is_initialized() else None
         old = PolicyLossInputs(log_prob=mini.old_log_prob, old_log_prob=mini.old_log_prob, advantages=mini.advantages,
                                mask=mini.loss_mask, old_entropy=mini.old_entropy, sum_p2=mini.old_sum_p2,
@@ -555,13 +575,18 @@ class MegatronActor:
                 mini = batch.slice(start, start + cfg.mini_batch_size)
                 if cfg.balance_batch:
                     mini = mini.take(balanced_order(row_lengths(mini.loss_mask), cfg.micro_batch_size))
-                micro, _ = self.micro_batches(mini)
-                n_micro = len(micro)
                 token_mean = cfg.loss.loss_agg_mode == "token-mean" and cfg.token_mean_over == "mini_batch"
                 # token-mean over the whole mini-batch on every DP rank: the schedule divides by the
                 # number of micro-batches and DDP averages over DP, so undo both. (token_mean_over=
                 # micro_batch keeps both: each micro-batch's own token-mean, averaged, as released.)
                 normalizer = self._global_tokens(mini) if token_mean else None
+                if self._attribution():  # before the micro-batches are cut: they carry its values
+                    from steer_megatron.train.attribution import entropy_attribution
+
+                    attr = entropy_attribution(self, mini, normalizer)
+                    mini = replace(mini, steer_attribution=None if attr is None else attr[0])
+                micro, _ = self.micro_batches(mini)
+                n_micro = len(micro)
                 scale = n_micro * dp if token_mean else 1
                 omega_range = self._mini_batch_stat(mini)
                 micro_index = iter(range(n_micro))
@@ -576,6 +601,7 @@ class MegatronActor:
                             sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=data.ref_log_prob,
                             rollout_log_prob=data.rollout_log_prob, token_normalizer=normalizer,
                             dp_group=ps.get_data_parallel_group(), omega_range=omega_range, draw_key=key,
+                            attribution=data.steer_attribution,
                         )
 
                     if self._token_loss_form and not isinstance(mb, PackedMicroBatch):
