@@ -146,7 +146,6 @@ def test_resume_at_another_layout_continues_the_run(tmp_path, demo_cache):
     # each launch's first rollouts come from the weights it resumed: the version it published
     assert [r["rollout/weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
     assert all(r["sync/parity_max_abs_diff"] <= 1e-4 for r in steps)
-    assert all(r["actor/grad_norm"] > 0 for r in steps)
     # the data order went on: 8 prompts a step (trainer.rollout_batch_size) from one epoch's order,
     # never restarted by a relaunch
     for step, layout in ((2, {"tp": 1, "pp": 1, "dp": 1}), (4, {"tp": 2, "pp": 1, "dp": 1}), (6, {"tp": 1, "pp": 2, "dp": 1})):
