@@ -16,7 +16,7 @@ import torch
 from steer_megatron.loss.aggregation import aggregate
 from steer_megatron.loss.rollout_correction import correction
 from steer_megatron.loss.schema import KL_TYPES, PolicyLossConfig
-from steer_megatron.loss.steer import old_policy_omega_range, omega, weights_from_omega
+from steer_megatron.loss.steer import old_policy_omega_range, omega, omega_range, weights_from_omega
 
 _LOG_RATIO_CAP = 20.0  # exp(20) already saturates every clip; keeps inf out of the graph
 
@@ -59,6 +59,9 @@ class LossNeeds:
     # whole mini-batch (PolicyLossInputs with log_prob = old_log_prob, sum_p2 = old_sum_p2, and the
     # DP group: collective over it); handed to every micro-batch's loss as PolicyLossInputs.omega_range
     mini_batch_stat: Callable[[PolicyLossInputs, PolicyLossConfig], torch.Tensor] | None = None
+    # per-token dH_total_j of the whole mini-batch, computed by the actor from the model before the
+    # step (train/attribution.py) and handed to the loss as PolicyLossInputs.attribution
+    attribution: bool = False
 
 
 _REGISTRY: dict[str, PerTokenLoss] = {}
@@ -132,7 +135,10 @@ def _grpo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
 
 
 def old_policy_range(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> torch.Tensor:
-    """steer.group=mini_batch: [min, max] |Omega| of the whole mini-batch (every DP rank) at the old policy."""
+    """steer.group=mini_batch: [min, max] |Omega| of the whole mini-batch (every DP rank) at the old policy,
+    or for form=attribution of its |dH_total_j|."""
+    if cfg.steer.form == "attribution":
+        return omega_range(inp.attribution.abs(), inp.mask, dp_group=inp.dp_group)
     if inp.old_entropy is None or (cfg.steer.form == "exact" and inp.sum_p2 is None):
         raise ValueError("steer.group=mini_batch takes min/max |Omega| from the old-log-prob pass: run "
                          "MegatronActor.old_pass(batch) (it fills old_entropy and, for form=exact, old_sum_p2)")
@@ -146,7 +152,7 @@ def steer_needs(cfg: PolicyLossConfig) -> LossNeeds:
     s = cfg.steer
     whole = s.group == "mini_batch"
     return LossNeeds(p2_stats=s.form == "exact", old_p2_stats=whole and s.form == "exact",
-                     mini_batch_stat=old_policy_range if whole else None)
+                     mini_batch_stat=old_policy_range if whole else None, attribution=s.form == "attribution")
 
 
 @register_policy_loss("steer", needs=steer_needs)

@@ -516,26 +516,21 @@ class MegatronActor:
             batch.old_sum_p2, batch.old_sum_p2_logp = st["sum_p2"], st["sum_p2_logp"]
 
     def _attribution(self) -> bool:
-        return self.cfg.policy_loss == "steer" and self.cfg.loss.steer.form == "attribution"
+        return self.needs().attribution
 
     def _mini_batch_stat(self, mini: ActorBatch):
         """The loss's per-mini-batch statistic (LossNeeds.mini_batch_stat; STEER's group=mini_batch
-        range of |Omega|) from the old pass's values of the whole mini-batch on every DP rank, or for
-        steer.form=attribution from the mini-batch's attribution values."""
+        range of |Omega|) from the old pass's values (and attribution) of the whole mini-batch on
+        every DP rank."""
         from megatron.core import parallel_state as ps
 
         stat = self.needs().mini_batch_stat
         if stat is None or not _is_last_stage():
             return None
-        if self._attribution():
-            from steer_megatron.loss.steer import omega_range
-
-            group = ps.get_data_parallel_group() if dist.is_initialized() else None
-            return omega_range(mini.steer_attribution.abs(), mini.loss_mask, dp_group=group)
         group = ps.get_data_parallel_group() if dist.is_initialized() else None
         old = PolicyLossInputs(log_prob=mini.old_log_prob, old_log_prob=mini.old_log_prob, advantages=mini.advantages,
                                mask=mini.loss_mask, old_entropy=mini.old_entropy, sum_p2=mini.old_sum_p2,
-                               sum_p2_logp=mini.old_sum_p2_logp, dp_group=group)
+                               sum_p2_logp=mini.old_sum_p2_logp, attribution=mini.steer_attribution, dp_group=group)
         return stat(old, self.cfg.loss)
 
     # -- update -------------------------------------------------------------------------------
