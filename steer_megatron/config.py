@@ -503,6 +503,15 @@ def _check_batching(cfg: RunConfig) -> None:
     if tr.pack_sequences and cfg.parallel.cp > 1:
         raise ConfigError("trainer.pack_sequences=true with parallel.cp > 1 is not supported (THD with context "
                           "parallelism needs padded cu_seqlens): set parallel.cp=1 or pack_sequences=false")
+    if cfg.parallel.cp > 1:
+        from steer_megatron.loss.policy_losses import context_parallel_blocker
+
+        blocker = context_parallel_blocker(alg.policy_loss, policy_loss_config_from(alg, seed=tr.seed),
+                                           alg.token_mean_over)
+        if blocker is None and alg.fused_lm_head:
+            blocker = "algorithm.fused_lm_head is not wired for context parallelism: set it to false"
+        if blocker is not None:
+            raise ConfigError(f"parallel.cp={cfg.parallel.cp}: {blocker}, or set parallel.cp=1")
     budget = tr.max_tokens_per_micro_batch
     if budget is None:
         return

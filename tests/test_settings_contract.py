@@ -104,8 +104,9 @@ def _tracked_run(overrides, out_dir):
 
 
 @pytest.mark.slow
-def test_every_setting_is_read_by_its_component(tmp_path):
-    reads = spawn_ranks(_tracked_run, 1, OVERRIDES, str(tmp_path), timeout=1200)[0]
+def test_every_setting_is_read_by_its_component(tmp_path, demo_cache_root):
+    over = OVERRIDES + [f"demo.cache_dir={demo_cache_root}"]  # tests/test_trainer.py's demo assets, built once
+    reads = spawn_ranks(_tracked_run, 1, over, str(tmp_path), timeout=1200)[0]
     fields = all_fields()
     assert set(READ_ELSEWHERE) <= fields, sorted(set(READ_ELSEWHERE) - fields)  # no stale entries
     # the code reward's section goes to it whole (driver: dataclasses.asdict(cfg.reward.code)), field

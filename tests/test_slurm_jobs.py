@@ -123,19 +123,21 @@ def test_bad_launches_fail_fast_with_clear_messages(cluster, model, tmp_path):
         held.close()
 
 
-# A tiny version of the CPU demo (as in tests/test_trainer.py).
-REAL_SMALL = ["demo.n_train=64", "demo.n_test=16", "demo.warmup_steps=60", "trainer.rollout_batch_size=4",
+# A tiny version of the CPU demo: tests/test_trainer.py's demo assets (one build per session, shared
+# through demo_cache_root).
+REAL_SMALL = ["demo.num_digits=3", "demo.n_train=81", "demo.n_test=19", "demo.warmup_steps=60",
+              "trainer.rollout_batch_size=4",
               "trainer.mini_batch_size=2", "trainer.micro_batch_size=4", "rollout.n=4", "trainer.save_every=1",
               "eval.every=0", "logging.tensorboard=false", "trainer.total_steps=3"]
 
 
 @pytest.mark.parametrize("script", ["slurm/steer_hetjob.sbatch",
                                     pytest.param("slurm/steer_homogeneous.sbatch", marks=pytest.mark.extended)])
-def test_real_trainer_cpu_demo_across_two_nodes_survives_preemption(cluster, tmp_path, script):
+def test_real_trainer_cpu_demo_across_two_nodes_survives_preemption(cluster, tmp_path, script, demo_cache_root):
     """`python -m steer_megatron.train` on the CPU demo config: trainer on one node, rollout
     server + router on the other, preempted after its first step, requeued, resumed."""
     out, run_dir = tmp_path / "job.out", tmp_path / "runs" / "slurm_demo"
-    args = ["configs/cpu_demo.yaml", *REAL_SMALL, f"demo.cache_dir={tmp_path / 'demo'}",
+    args = ["configs/cpu_demo.yaml", *REAL_SMALL, f"demo.cache_dir={demo_cache_root}",
             f"trainer.output_dir={tmp_path / 'runs'}", "trainer.run_name=slurm_demo"]
     env = sh.job_env()
     del env["STEER_TRAINER_ENTRY"]  # the real `python -m steer_megatron.train`

@@ -87,20 +87,10 @@ class _Stats:
 
 @torch.no_grad()
 def _full_stats(actor: MegatronActor, batch: ActorBatch) -> _Stats | None:
-    """All four token statistics [B, L-1] in one forward pass (compute_log_probs returns two)."""
-    from megatron.core import parallel_state as ps
-
-    def loss_func(mb, output):
-        st = actor.micro_batch_stats(output, mb, p2_stats=True)  # the actor's own path: logits or fused LM head
-        return output.new_zeros(()), dataclasses.asdict(_Stats(st.logprob, st.entropy, st.sum_p2, st.sum_p2_logp))
-
-    actor.model.eval()
-    # The actor's own schedule: same micro-batching and pipeline path as the training passes.
-    out = actor.run_schedule(batch, loss_func, forward_only=True)
-    actor.model.train()
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    return _Stats(**{k: torch.cat([o[k] for o in out]) for k in ("log_prob", "entropy", "sum_p2", "sum_p2_logp")})
+    """All four token statistics [B, L-1] in one forward pass (compute_log_probs returns two), through
+    the actor's own schedule: same micro-batching, pipeline and context-parallel path as training."""
+    st = actor.token_statistics(batch, p2_stats=True)
+    return None if st is None else _Stats(st["logprob"], st["entropy"], st["sum_p2"], st["sum_p2_logp"])
 
 
 def one_step_actor(actor: MegatronActor, n_sequences: int) -> MegatronActor:

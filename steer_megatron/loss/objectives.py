@@ -73,7 +73,8 @@ def _steer_weighted(inp: PolicyLossInputs, cfg: PolicyLossConfig, loss, no_grad,
         raise ValueError(f"steer form {sc.form!r} needs old_entropy (the old policy's entropy from the old-log-prob pass)")
     om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.old_entropy, form=sc.form, clip_mask=no_grad)
     mask = inp.mask.bool()
-    w = weights_from_omega(om.abs(), mask, sc, dp_group=inp.dp_group, omega_range=inp.omega_range)
+    w = weights_from_omega(om.abs(), mask, sc, dp_group=inp.dp_group, omega_range=inp.omega_range,
+                           cp_group=inp.cp_group)
     metrics.update(omega_mean=masked_mean(om, mask), omega_absmax=masked_max(om.abs(), mask),
                    weight_mean=masked_mean(w, mask), weight_min=-masked_max(-w, mask), weight_max=masked_max(w, mask))
     return loss * w, metrics
@@ -85,7 +86,7 @@ def _gspo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return loss, metrics
 
 
-@register_policy_loss("cispo")
+@register_policy_loss("cispo", token_local=True)
 def _cispo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     loss, _, metrics = _cispo_terms(inp, cfg)
     return loss, metrics
@@ -96,7 +97,7 @@ def _steer_gspo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return _steer_weighted(inp, cfg, *_gspo_terms(inp, cfg))
 
 
-@register_policy_loss("steer_cispo", needs=steer_needs)
+@register_policy_loss("steer_cispo", needs=steer_needs, token_local=True)
 def _steer_cispo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return _steer_weighted(inp, cfg, *_cispo_terms(inp, cfg))
 
@@ -109,4 +110,4 @@ def _ppo_on_estimator_advantages(inp: PolicyLossInputs, cfg: PolicyLossConfig):
 # The objective is the PPO clip; what makes these methods is their advantage estimator, which the
 # config ties to the loss name (config.validate_config), so `w_reinforce` never runs on GRPO advantages.
 for _name in ("w_reinforce", "psr", "nsr", "gtpo"):  # config.ESTIMATOR_POLICY_LOSS pairs them with their estimators
-    register_policy_loss(_name)(_ppo_on_estimator_advantages)
+    register_policy_loss(_name, token_local=True)(_ppo_on_estimator_advantages)

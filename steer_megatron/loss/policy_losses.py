@@ -37,6 +37,7 @@ class PolicyLossInputs:
     rollout_log_prob: torch.Tensor | None = None  # for tis_cap
     token_normalizer: float | torch.Tensor | None = None  # see aggregation.aggregate
     dp_group: object = None  # for steer.group == "dp"
+    cp_group: object = None  # context parallelism: the tensors are this CP rank's share of each sequence
     omega_range: torch.Tensor | None = None  # steer.group == "mini_batch": [min, max] |Omega| (steer.old_policy_omega_range)
     # steer.form == "attribution": each token's dH_total_j per unit LR, A r D / N (steer_megatron.train.attribution)
     attribution: torch.Tensor | None = None
@@ -66,18 +67,40 @@ class LossNeeds:
 
 _REGISTRY: dict[str, PerTokenLoss] = {}
 _NEEDS: dict[str, Callable[[PolicyLossConfig], LossNeeds]] = {}
+_TOKEN_LOCAL: set[str] = set()
 
 
-def register_policy_loss(name: str, *, needs: Callable[[PolicyLossConfig], LossNeeds] | None = None):
-    """Register a per-token loss; `needs(cfg)` says what it needs at those settings (default: nothing more)."""
+def register_policy_loss(name: str, *, needs: Callable[[PolicyLossConfig], LossNeeds] | None = None,
+                         token_local: bool = False):
+    """Register a per-token loss; `needs(cfg)` says what it needs at those settings (default: nothing more).
+
+    token_local: each token's loss depends only on that token's inputs (and on group statistics the
+    loss reduces over the process groups it is handed), so context parallelism may split a sequence
+    over ranks; False for losses with per-sequence or cross-token terms (GSPO's sequence ratio,
+    Clip-Cov / KL-Cov's covariance selection)."""
     def deco(fn: PerTokenLoss) -> PerTokenLoss:
         if name in _REGISTRY:
             raise ValueError(f"policy loss {name!r} is already registered")
         _REGISTRY[name] = fn
         _NEEDS[name] = needs or (lambda cfg: LossNeeds())
+        if token_local:
+            _TOKEN_LOCAL.add(name)
         return fn
 
     return deco
+
+
+def context_parallel_blocker(name: str, cfg: PolicyLossConfig, token_mean_over: str) -> str | None:
+    """Why the named loss at these settings cannot run on sequences split over CP ranks, or None."""
+    if name not in _TOKEN_LOCAL:
+        return (f"policy loss {name!r} has per-sequence or cross-token terms; context parallelism runs the "
+                f"token-local losses {sorted(_TOKEN_LOCAL)}")
+    if cfg.loss_agg_mode != "token-mean" or token_mean_over != "mini_batch":
+        return (f"loss_agg_mode={cfg.loss_agg_mode!r} / token_mean_over={token_mean_over!r} normalise over whole "
+                "sequences or micro-batches; use token-mean over mini_batch (the global token count)")
+    if loss_needs(name, cfg).attribution:
+        return "steer.form=attribution perturbs the whole model per mini-batch and is not wired for context parallelism"
+    return None
 
 
 def loss_needs(name: str, cfg: PolicyLossConfig) -> LossNeeds:
@@ -128,7 +151,7 @@ def _ppo_clip(adv: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor, cfg: P
     return loss, high | low | dual, metrics
 
 
-@register_policy_loss("grpo")
+@register_policy_loss("grpo", token_local=True)
 def _grpo(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     loss, _, metrics = _ppo_clip(inp.advantages, _ratio(inp), inp.mask, cfg)
     return loss, metrics
@@ -155,7 +178,7 @@ def steer_needs(cfg: PolicyLossConfig) -> LossNeeds:
                      mini_batch_stat=old_policy_range if whole else None, attribution=s.form == "attribution")
 
 
-@register_policy_loss("steer", needs=steer_needs)
+@register_policy_loss("steer", needs=steer_needs, token_local=True)
 def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     ratio = _ratio(inp)
     loss, clipped, metrics = _ppo_clip(inp.advantages, ratio, inp.mask, cfg)
@@ -175,7 +198,8 @@ def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
         if inp.old_entropy is None:
             raise ValueError(f"steer form {sc.form!r} needs old_entropy (the old policy's entropy from the old-log-prob pass)")
         om = omega(inp.advantages, inp.log_prob, inp.old_log_prob, inp.old_entropy, form=sc.form, clip_mask=clipped)
-    w = weights_from_omega(om.abs(), inp.mask.bool(), sc, dp_group=inp.dp_group, omega_range=inp.omega_range)
+    w = weights_from_omega(om.abs(), inp.mask.bool(), sc, dp_group=inp.dp_group, omega_range=inp.omega_range,
+                           cp_group=inp.cp_group)
     mask = inp.mask.bool()
     metrics.update(
         omega_mean=masked_mean(om, mask),
@@ -188,7 +212,7 @@ def _steer(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return loss * w, metrics
 
 
-@register_policy_loss("entropy_reg")
+@register_policy_loss("entropy_reg", token_local=True)
 def _entropy_reg(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     """The PPO clip; the shared wrapper adds -entropy_coeff * H, which this name requires to be > 0."""
     if cfg.entropy_coeff <= 0:
@@ -251,7 +275,7 @@ def _clip_cov(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     return loss, metrics
 
 
-@register_policy_loss("entropy_adv")
+@register_policy_loss("entropy_adv", token_local=True)
 def _entropy_adv(inp: PolicyLossInputs, cfg: PolicyLossConfig):
     """Advantage shaped by entropy: A + min(alpha * H, |A| / kappa), H detached."""
     if inp.entropy is None:

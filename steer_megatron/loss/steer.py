@@ -119,11 +119,13 @@ def old_policy_omega_range(
 
 def weights_from_omega(
     abs_omega: torch.Tensor, mask: torch.Tensor, cfg: SteerConfig, *, dp_group=None,
-    omega_range: torch.Tensor | None = None,
+    omega_range: torch.Tensor | None = None, cp_group=None,
 ) -> torch.Tensor:
     """Map |Omega| to weights: tokens predicted to move entropy most get the smallest weight.
 
-    omega_range: [min, max] |Omega| of the group, required for (and only used by) group='mini_batch'."""
+    omega_range: [min, max] |Omega| of the group, required for (and only used by) group='mini_batch'.
+    cp_group: under context parallelism the tensors hold one CP rank's share of each sequence, so
+    group='micro_batch' takes its min/max over the CP group (and dp_group then includes CP)."""
     mask = mask.bool()
     if cfg.group == "mini_batch":
         if omega_range is None:
@@ -131,7 +133,7 @@ def weights_from_omega(
                              "from the old-policy pass (PolicyLossInputs.omega_range; MegatronActor.update computes it)")
         lo, hi = omega_range[0].to(abs_omega.dtype), omega_range[1].to(abs_omega.dtype)
         return _map(abs_omega, mask, cfg, lo, hi)
-    group = dp_group if cfg.group == "dp" else None
+    group = dp_group if cfg.group == "dp" else cp_group
     if cfg.group == "dp" and group is None and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("steer.group='dp' needs the data-parallel process group (dp_group)")
     lo, hi = _masked_min_max(abs_omega, mask, group)

@@ -282,6 +282,9 @@ def build_gpt_model(
     real_pp = ps.get_pipeline_model_parallel_world_size()
     if (tp is not None and tp != real_tp) or (pp is not None and pp != real_pp):
         raise ValueError(f"requested tp={tp}, pp={pp} but parallel state has tp={real_tp}, pp={real_pp}")
+    # context parallelism: megatron-core's attention and RoPE split the sequence over the CP group
+    # (TE's attention only; the local spec refuses it)
+    config_overrides.setdefault("context_parallel_size", ps.get_context_parallel_world_size())
     config = transformer_config(arch, tp=real_tp, pp=real_pp, params_dtype=params_dtype, **config_overrides)
     vocab = arch.vocab(real_tp, vocab_divisible_by)
     if padded_vocab:

@@ -26,8 +26,9 @@ from steer_megatron.loss import (
     token_stats,
 )
 from steer_megatron.loss.kernels import auto_fallback
-from steer_megatron.loss.policy_losses import loss_needs
+from steer_megatron.loss.policy_losses import context_parallel_blocker, loss_needs
 from steer_megatron.train.balance import balanced_order, row_lengths
+from steer_megatron.train.context_parallel import CPShare, cp_share, gather_share, reduce_metrics_over_cp
 from steer_megatron.train.head_forms import token_loss_blocker
 from steer_megatron.train.packing import PackedMicroBatch, pack, plan_micro_batches, sequence_lengths
 
@@ -194,6 +195,12 @@ def _scaled_lr(optimizer, scale: float):
             g["lr"] = lr
 
 
+def _cp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
 def _is_last_stage() -> bool:
     from megatron.core import parallel_state as ps
 
@@ -250,7 +257,16 @@ class MegatronActor:
         from steer_megatron.models.hf_import import unwrap
 
         gpt = unwrap(model)
-        self._seq_multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
+        # context parallelism: every micro-batch is split into 2 * cp chunks of its sequence (CPShare)
+        self._cp = _cp_size()
+        self._seq_multiple = (gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1) * (
+            2 * self._cp if self._cp > 1 else 1)
+        if self._cp > 1:
+            blocker = context_parallel_blocker(cfg.policy_loss, cfg.loss, cfg.token_mean_over)
+            if blocker is None and (cfg.fused_lm_head or cfg.pack_sequences):
+                blocker = "algorithm.fused_lm_head and trainer.pack_sequences are not wired for context parallelism"
+            if blocker is not None:
+                raise ValueError(f"parallel.cp={self._cp}: {blocker} (or set parallel.cp=1)")
         self._tap = None
         # packed sequences: TE attention takes THD + cu_seqlens; the local spec a block-diagonal mask,
         # with each sequence's own positions fed to RoPE by a hook on the rotary embedding
@@ -308,6 +324,10 @@ class MegatronActor:
             return mb.unpack(self.micro_batch_stats(output, mb.rows, p2_stats))
 
         tp_group = ps.get_tensor_model_parallel_group()
+        if isinstance(mb, CPShare):  # this CP rank's positions, labels from the whole sequence, nothing to drop
+            return token_stats(output, mb.labels, vocab_size=self.cfg.vocab_size, tp_group=tp_group,
+                               chunk_tokens=self.cfg.chunk_tokens, p2_stats=p2_stats, kernel=self.cfg.loss_kernel,
+                               inplace_backward=True, check_inputs=False)
         labels = self._labels(mb)
         if self._tap is None:
             # in place: megatron keeps no other use of the logits, so their storage takes the gradient
@@ -390,7 +410,7 @@ class MegatronActor:
                 # pipeline stages exchange activations of one fixed [seq, mbs, hidden] shape, so a short
                 # last micro-batch (the parity probe's few prompts, a diagnostics slice) is filled up
                 batch = batch.padded(mbs - len(batch) % mbs)
-            return [batch.slice(i, i + mbs) for i in range(0, len(batch), mbs)], None
+            return self._cp_shares([batch.slice(i, i + mbs) for i in range(0, len(batch), mbs)]), None
         lengths = [int(n) for n in sequence_lengths(batch)]
         if cfg.max_tokens_per_micro_batch is None:
             groups = [list(range(i, min(i + mbs, len(batch)))) for i in range(0, len(batch), mbs)]
@@ -421,7 +441,16 @@ class MegatronActor:
             if pipelined:
                 rows = max(len(m) for m in micro)
                 micro = [m.padded(rows - len(m)) if len(m) < rows else m for m in micro]
+            micro = self._cp_shares(micro)
         return micro, groups
+
+    def _cp_shares(self, micro: list) -> list:
+        """Each micro-batch's share on this CP rank (unchanged without context parallelism)."""
+        if self._cp == 1:
+            return micro
+        from megatron.core import parallel_state as ps
+
+        return [cp_share(m, ps.get_context_parallel_rank(), self._cp) for m in micro]
 
     def run_schedule(self, batch: ActorBatch, loss_func, forward_only: bool, micro=None):
         """megatron's forward/backward schedule over micro-batches of `batch` (or the given ones)."""
@@ -431,10 +460,14 @@ class MegatronActor:
             self._check_target_ids(batch)
         if micro is None:
             micro, _ = self.micro_batches(batch)
-        first = micro[0].rows if isinstance(micro[0], PackedMicroBatch) else micro[0]
-        rows, seq = first.input_ids.shape  # the shape pipeline stages exchange (the same for all under PP)
-        real = sum(int(n) for m in micro for n in sequence_lengths(m.source if isinstance(m, PackedMicroBatch) else m))
-        computed = sum((m.rows if isinstance(m, PackedMicroBatch) else m).input_ids.numel() for m in micro)
+        def computed_rows(m):  # the rows the forward computes (a CP share: its whole sequences)
+            return m.rows if isinstance(m, PackedMicroBatch) else m.source if isinstance(m, CPShare) else m
+
+        # the shape pipeline stages exchange (the same for all under PP; megatron divides it by CP)
+        rows, seq = computed_rows(micro[0]).input_ids.shape
+        real = sum(int(n) for m in micro
+                   for n in sequence_lengths(m.source if isinstance(m, (PackedMicroBatch, CPShare)) else m))
+        computed = sum(computed_rows(m).input_ids.numel() for m in micro)
         self.batching = {"padding_fraction": 1.0 - real / max(computed, 1), "tokens_per_micro_batch": real / len(micro),
                          "micro_batches": float(len(micro))}
 
@@ -442,6 +475,8 @@ class MegatronActor:
             mb = next(data_iter)
             if isinstance(mb, PackedMicroBatch):
                 return self._packed_forward(model, mb), partial(loss_func, mb)
+            if isinstance(mb, CPShare):  # megatron's CP attention and RoPE take this rank's positions as given
+                return model(mb.input_ids, mb.position_ids, None), partial(loss_func, mb)
             pos = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device)[None].expand_as(mb.input_ids)
             return model(mb.input_ids, pos, None), partial(loss_func, mb)
 
@@ -467,11 +502,13 @@ class MegatronActor:
     @torch.no_grad()
     def compute_log_probs(self, batch: ActorBatch, *, p2_stats: bool = False):
         """(log_prob, entropy) [B, L-1] of the current weights on the last stage, None elsewhere."""
-        st = self._stats(batch, p2_stats)
+        st = self.token_statistics(batch, p2_stats)
         return (None, None) if st is None else (st["logprob"], st["entropy"])
 
     @torch.no_grad()
-    def _stats(self, batch: ActorBatch, p2_stats: bool) -> dict[str, torch.Tensor] | None:
+    def token_statistics(self, batch: ActorBatch, p2_stats: bool) -> dict[str, torch.Tensor] | None:
+        """logprob, entropy (and sum_p2, sum_p2_logp) [B, L-1] on the last stage, None elsewhere: the
+        actor's own micro-batching, packing and context-parallel split, gathered back."""
         self.model.eval()
 
         def loss_func(mb, logits):
@@ -479,6 +516,10 @@ class MegatronActor:
             out = {"logprob": st.logprob, "entropy": st.entropy}
             if p2_stats:
                 out.update(sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp)
+            if isinstance(mb, CPShare):  # every CP rank gets the whole sequences' statistics
+                from megatron.core import parallel_state as ps
+
+                out = {k: gather_share(v, mb, ps.get_context_parallel_group()) for k, v in out.items()}
             return logits.new_zeros(()), out
 
         micro, groups = self.micro_batches(batch)
@@ -508,7 +549,7 @@ class MegatronActor:
         """The old-log-prob pass: fills batch.old_log_prob and old_entropy (and old_sum_p2 /
         old_sum_p2_logp when the loss declares old_p2_stats) on the last stage."""
         old_p2 = self.needs().old_p2_stats
-        st = self._stats(batch, old_p2)
+        st = self.token_statistics(batch, old_p2)
         if st is None:
             return
         batch.old_log_prob, batch.old_entropy = st["logprob"], st["entropy"]
@@ -560,6 +601,7 @@ class MegatronActor:
                                                        cfg.loss.correction))
         p2_stats = self.needs().p2_stats
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        cp_group = ps.get_context_parallel_group() if self._cp > 1 else None
         sums: dict[str, float] = {}
         batching: dict[str, float] = {}
         n_minis = -(-len(batch) // cfg.mini_batch_size)
@@ -595,8 +637,8 @@ class MegatronActor:
                             mask=data.loss_mask, entropy=st.entropy, old_entropy=data.old_entropy,
                             sum_p2=st.sum_p2, sum_p2_logp=st.sum_p2_logp, ref_log_prob=data.ref_log_prob,
                             rollout_log_prob=data.rollout_log_prob, token_normalizer=normalizer,
-                            dp_group=ps.get_data_parallel_group(), omega_range=omega_range, draw_key=key,
-                            attribution=data.steer_attribution,
+                            dp_group=ps.get_data_parallel_group(with_context_parallel=True), cp_group=cp_group,
+                            omega_range=omega_range, draw_key=key, attribution=data.steer_attribution,
                         )
 
                     if self._token_loss_form and not isinstance(mb, PackedMicroBatch):
@@ -632,6 +674,8 @@ class MegatronActor:
             # weight sync, checkpoints and diagnostics read the weights before that, so gather now
             self.model.start_param_sync(force_sync=True)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
+        if cp_group is not None:  # each CP rank's metrics are of its share of the sequences
+            metrics = reduce_metrics_over_cp(metrics, cp_group)
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         metrics.update({f"batching/{k}": v for k, v in batching.items()})
         # 1 when loss_kernel=auto ran the ~55x slower PyTorch statistics on CUDA (Triton cannot load)

@@ -137,7 +137,7 @@ def entropy_attribution(actor, mini, normalizer: torch.Tensor | float | None) ->
                 for opt, p in pairs:
                     p.add_(preconditioned(opt, p, floor).to(p.dtype), alpha=eps)
             _sync_model_from_optimizer(optimizer, model)
-            st = actor._stats(mini, False)
+            st = actor.token_statistics(mini, False)
             logp_pert = None if st is None else st["logprob"]
         finally:
             with torch.no_grad():
