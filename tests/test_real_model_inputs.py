@@ -122,3 +122,29 @@ def test_base_accuracy_bootstrap_interval_matches_the_normal_one():
     half = 1.96 * (0.25 / 60) ** 0.5
     assert abs(lo - (0.5 - half)) < 0.03 and abs(hi - (0.5 + half)) < 0.03
     assert mod.bootstrap_interval([0.25] * 10, 100) == (0.25, 0.25)  # no spread, no interval
+
+
+def test_base_accuracy_paired_interval(tmp_path, capsys):
+    """--paired: B - A prompt by prompt. B one sample (0.25) better on every prompt of very unequal
+    difficulty: the pairs have no spread, so the interval is the point [+0.25, +0.25], where two
+    separate intervals would overlap; mismatched prompt sets are refused."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        spec = importlib.util.spec_from_file_location("base_accuracy", tools / "base_accuracy.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(tools))
+    a = [0.0, 0.25, 0.5, 0.75] * 5
+    for name, scores, data in (("a", a, "d"), ("b", [x + 0.25 for x in a], "d"), ("c", a[:4], "other")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"data": data, "per_prompt": scores}))
+    assert mod.main(["--paired", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "B - A +0.250, 95% paired bootstrap interval over 20 prompts [+0.250, +0.250]" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="same prompts"):
+        mod.main(["--paired", str(tmp_path / "a.json"), str(tmp_path / "c.json")])

@@ -49,7 +49,10 @@ def _assert_finished(run_dir: Path, out: Path, total: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("script", ["slurm/steer_hetjob.sbatch", "slurm/steer_homogeneous.sbatch"])
+# the hetjob script's plain run is also the real-trainer preemption test's (below: trainer on n1, rollout
+# on n2, finished), so its stand-in run is left to make test-extended
+@pytest.mark.parametrize("script", [pytest.param("slurm/steer_hetjob.sbatch", marks=pytest.mark.extended),
+                                    "slurm/steer_homogeneous.sbatch"])
 def test_job_finishes_with_trainer_and_rollout_on_separate_nodes(cluster, model, tmp_path, script):
     cfg = sh.write_config(tmp_path / "cfg.yaml", model, tmp_path / "runs", "r", total_steps=4, save_every=2)
     out = tmp_path / "job.out"

@@ -94,6 +94,12 @@ def assert_same_metrics(got_rows, want_rows):
         assert got == pytest.approx(want, rel=0, abs=1e-8)
 
 
+# make test covers SIGTERM (a checkpoint at the end of the step, exit 0, no DONE, the resumed run
+# without lost or repeated steps) through the real trainer preempted under Slurm
+# (tests/test_slurm_jobs.py), and resumed runs equal to uninterrupted ones through
+# tests/test_diagnostics_trainer.py and the relaunch at another layout below; this run-for-run
+# equality after a signal is in make test-extended
+@pytest.mark.extended
 def test_sigterm_then_resume_reproduces_an_uninterrupted_run(tmp_path, demo_cache):
     steps = 5  # room to interrupt: the signal arrives after step 1 and is taken at the end of its step
     full = _launch(tmp_path, demo_cache, "full", steps)

@@ -27,9 +27,11 @@ from steer_megatron.loss import (
 )
 from steer_megatron.loss.kernels import auto_fallback
 from steer_megatron.loss.policy_losses import context_parallel_blocker, loss_needs
+from steer_megatron.train.actor_batch import ActorBatch
 from steer_megatron.train.balance import balanced_order, row_lengths
 from steer_megatron.train.context_parallel import CPShare, cp_share, gather_share, reduce_metrics_over_cp
 from steer_megatron.train.head_forms import token_loss_blocker
+from steer_megatron.train.output_layer_hooks import HiddenStatesTap, apply_temperature
 from steer_megatron.train.packing import PackedMicroBatch, pack, plan_micro_batches, sequence_lengths
 
 TOKEN_MEAN_OVER = ("mini_batch", "micro_batch")
@@ -37,92 +39,6 @@ TOKEN_MEAN_OVER = ("mini_batch", "micro_batch")
 _LOSS_DATA = ("old_log_prob", "advantages", "loss_mask", "old_entropy", "ref_log_prob", "rollout_log_prob",
               "steer_attribution")
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class ActorBatch:
-    """One rollout batch in next-token layout: position t predicts input_ids[:, t + 1].
-
-    input_ids [B, L] right-padded (megatron's RoPE ignores position ids, so no left padding);
-    every other tensor is [B, L - 1]. loss_mask is True on response tokens.
-    """
-
-    input_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    advantages: torch.Tensor | None = None
-    old_log_prob: torch.Tensor | None = None
-    old_entropy: torch.Tensor | None = None
-    rollout_log_prob: torch.Tensor | None = None
-    ref_log_prob: torch.Tensor | None = None
-    # the old-log-prob pass's sum p^2 / sum p^2 log p: STEER exact with steer.group=mini_batch only
-    old_sum_p2: torch.Tensor | None = None
-    old_sum_p2_logp: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None  # each sequence's reward on its response tokens (GTPO's estimator)
-    # STEER attribution: dH_total_j per unit LR, filled per mini-batch by update() (train/attribution.py)
-    steer_attribution: torch.Tensor | None = None
-
-    def __post_init__(self):
-        b, length = self.input_ids.shape
-        for f in fields(self)[1:]:
-            t = getattr(self, f.name)
-            if t is not None and tuple(t.shape) != (b, length - 1):
-                raise ValueError(f"ActorBatch.{f.name} has shape {tuple(t.shape)}, expected {(b, length - 1)}")
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def dp_slice(self, rank: int, dp: int, *, balance_rows: int | None = None) -> "ActorBatch":
-        """This data-parallel rank's equal share (rows past dp * (len // dp) are left out).
-
-        balance_rows (trainer.max_tokens_per_micro_batch): each rank's mini-batch of this many rows
-        keeps the same sequences across ranks as without it, but they are dealt to the ranks so their
-        token counts balance (balance.balanced_order over the mini-batch's dp * balance_rows rows)."""
-        per = len(self) // dp
-        if not balance_rows or dp == 1:
-            return self.slice(rank * per, (rank + 1) * per)
-        shares = torch.arange(dp * per).view(dp, per)  # the plain split: rank r holds row r * per + j
-        mine = []
-        for start in range(0, per, balance_rows):
-            rows = shares[:, start: start + balance_rows].reshape(-1)  # one mini-batch, all ranks
-            order = balanced_order(row_lengths(self.loss_mask[rows]), len(rows) // dp)
-            mine.append(rows[order].view(dp, -1)[rank])
-        return self.take(torch.cat(mine))
-
-    def slice(self, start: int, stop: int) -> "ActorBatch":
-        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
-                                for f in fields(self)})
-
-    def lengthened(self, length: int) -> "ActorBatch":
-        """Right-padded to `length` tokens (masked out): sequence parallelism splits the sequence
-        evenly over the TP ranks, so its length must be a multiple of TP."""
-        extra = length - self.input_ids.shape[1]
-        if extra <= 0:
-            return self
-
-        def grow(t):
-            return None if t is None else torch.cat([t, t.new_zeros(t.shape[0], extra)], 1)
-
-        return replace(self, **{f.name: grow(getattr(self, f.name)) for f in fields(self)})
-
-    def take(self, order: torch.Tensor) -> "ActorBatch":
-        """The rows in `order` (a permutation or selection of row indices)."""
-        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[order])
-                                for f in fields(self)})
-
-    def trimmed(self, length: int) -> "ActorBatch":
-        """The first `length` tokens of every row (a micro-batch cut to its longest sequence)."""
-        return replace(self, **{f.name: (None if getattr(self, f.name) is None else
-                                         getattr(self, f.name)[:, : length - (f.name != "input_ids")])
-                                for f in fields(self)})
-
-    def padded(self, rows: int) -> "ActorBatch":
-        """`rows` more rows, copies of the first with loss_mask False: they add nothing to any loss or statistic."""
-        def grow(t):
-            return None if t is None else torch.cat([t, t[:1].expand(rows, *t.shape[1:])])
-
-        out = replace(self, **{f.name: grow(getattr(self, f.name)) for f in fields(self)})
-        out.loss_mask[len(self):] = False
-        return out
 
 
 @dataclass(frozen=True)
@@ -207,49 +123,6 @@ def _is_last_stage() -> bool:
     return ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
-class _HiddenStatesTap:
-    """Forward pre-hook on megatron's output layer (algorithm.fused_lm_head): keeps the final-norm
-    hidden states [s, b, H] and the weight the layer would multiply them by (GPTModel passes the
-    shared embedding when embeddings are tied, else the layer uses its own), and hands the layer a
-    zero-length sequence, so the [s, b, V_local] logits are never computed. Uses torch's public
-    hook API on our model instance; megatron's code is unchanged."""
-
-    def __init__(self):
-        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, module, args, kwargs):
-        weight = kwargs.get("weight")
-        self.kept = (args[0], module.weight if weight is None else weight)
-        return (args[0][:0],) + tuple(args[1:]), kwargs
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states, output weight) of the micro-batch that just ran forward."""
-        kept, self.kept = self.kept, None
-        if kept is None:
-            raise RuntimeError("fused_lm_head: the output layer did not run before the loss")
-        return kept
-
-
-def _scale_output_input(module, args, kwargs):
-    """Forward pre-hook: the output layer's input times 1 / T, so every path that turns it into
-    statistics (logits with the torch or Triton kernels, or the fused LM head) sees logits / T,
-    with no extra copy of the logits; the gradient flows through the scaling."""
-    return (args[0] * module.steer_inv_temperature,) + tuple(args[1:]), kwargs
-
-
-def apply_temperature(gpt, temperature: float) -> None:
-    """Make gpt's output layer produce logits / temperature (once per model: actors may share it)."""
-    layer = gpt.output_layer
-    current = getattr(layer, "steer_inv_temperature", None)
-    if current is None:
-        layer.steer_inv_temperature = 1.0 / temperature
-        if temperature != 1.0:  # T = 1 needs no hook
-            layer.register_forward_pre_hook(_scale_output_input, with_kwargs=True, prepend=True)
-    elif current != 1.0 / temperature:
-        raise ValueError(f"the model's output layer already divides by temperature {1 / current}, this actor asks "
-                         f"for {temperature}: actors sharing a model must share the temperature")
-
-
 class MegatronActor:
     def __init__(self, model: torch.nn.Module, optimizer, cfg: ActorConfig, scheduler=None):
         self.model, self.optimizer, self.cfg, self.scheduler = model, optimizer, cfg, scheduler
@@ -290,7 +163,7 @@ class MegatronActor:
                                  f"token_mean_over={cfg.token_mean_over!r}: use token-mean over mini_batch")
         if cfg.fused_lm_head and _is_last_stage():
             self._sequence_parallel = gpt.output_layer.sequence_parallel
-            self._tap = _HiddenStatesTap()
+            self._tap = HiddenStatesTap()
             gpt.output_layer.register_forward_pre_hook(self._tap, with_kwargs=True)
             blocker = token_loss_blocker(cfg.policy_loss, cfg.loss, cfg.token_mean_over)
             self._token_loss_form = blocker is None
