@@ -345,21 +345,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # --------------------------------------------------------------------------------------------
 # Validation
 
-def validate_config(
-    cfg: RunConfig,
-    *,
-    world_size: int | None = None,
-    num_attention_heads: int | None = None,
-    num_query_groups: int | None = None,
-    check_paths: bool = True,
-) -> int | None:
-    """Raise ConfigError naming the first key that cannot work (steer_megatron.config_checks). Returns
-    the data-parallel size when `world_size` is given. Head counts (from the model's config.json)
-    check the TP split."""
+def validate_config(cfg: RunConfig, **options) -> int | None:
+    """Raise ConfigError naming the first key that cannot work; the checks and their keyword options
+    (world_size, head counts, check_paths) are steer_megatron.config_checks.check_run_config's.
+    Imported here, not at the top: config_checks imports this module's schema."""
     from steer_megatron.config_checks import check_run_config
 
-    return check_run_config(cfg, world_size=world_size, num_attention_heads=num_attention_heads,
-                            num_query_groups=num_query_groups, check_paths=check_paths)
+    return check_run_config(cfg, **options)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

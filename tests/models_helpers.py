@@ -254,3 +254,17 @@ def load_ckpt_logits(hf_dir: str, ckpt: str, tp: int, pp: int, ids: torch.Tensor
     model, _ = build_gpt_model(parse_hf_config(hf_dir), padded_vocab=read_meta(ckpt).padded_vocab_size)
     load_checkpoint(ckpt, model)
     return megatron_logits(model, ids)
+
+
+def update_gradients(actor, model, batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One actor.update(batch) whose optimizer step only records the reduced gradients (main_grad,
+    after DDP's all-reduce): (gradient per parameter, update metrics); the weights stay as they were."""
+    grads: dict[str, torch.Tensor] = {}
+
+    def capture():
+        grads.update({k: p.main_grad.detach().clone() for k, p in model.named_parameters()})
+        return True, 0.0, None
+
+    actor.optimizer.step = capture
+    metrics = actor.update(batch)
+    return grads, metrics

@@ -153,6 +153,7 @@ def _actor_run(case, weights, standin):
     from steer_megatron.models.hf_config import build_gpt_model, parse_hf_config
     from steer_megatron.train.actor import ActorConfig, MegatronActor
     from steer_megatron.train.optim import OptimSettings, wrap_for_training
+    from tests.models_helpers import update_gradients
 
     name, group, form, mapping = case
     model, _ = build_gpt_model(parse_hf_config(ARCH), context_parallel_size=1)
@@ -169,14 +170,7 @@ def _actor_run(case, weights, standin):
     actor = MegatronActor(ddp, opt, cfg, sched)
     batch = _actor_batch()
     actor.old_pass(batch)
-    grads = {}
-
-    def capture():
-        grads.update({k: p.main_grad.detach().clone() for k, p in model.named_parameters()})
-        return True, 0.0, None
-
-    actor.optimizer.step = capture
-    metrics = actor.update(batch)
+    grads, metrics = update_gradients(actor, model, batch)
     stats = (batch.old_log_prob, batch.old_entropy)
     return stats, grads, metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
 

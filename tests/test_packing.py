@@ -18,6 +18,7 @@ import torch
 from steer_megatron.parallel import spawn_ranks
 from steer_megatron.train.actor import ActorBatch
 from steer_megatron.train.packing import pack, plan_micro_batches, sequence_lengths
+from tests.models_helpers import update_gradients
 
 VOCAB = 150
 ARCH = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -110,14 +111,7 @@ def _run(cfg_kwargs, weights, dp_balance=False):
                           sched)
     batch = _batch().dp_slice(rank, dp, balance_rows=8 // dp if dp_balance else None)
     actor.old_pass(batch)
-    grads = {}
-
-    def capture():
-        grads.update({k: p.main_grad.detach().clone() for k, p in model.named_parameters()})
-        return True, 0.0, None
-
-    actor.optimizer.step = capture
-    metrics = actor.update(batch)
+    grads, metrics = update_gradients(actor, model, batch)
     stats = None if batch.old_log_prob is None else (batch.loss_mask, batch.old_log_prob, batch.old_entropy,
                                                      batch.old_sum_p2, batch.old_sum_p2_logp)
     return stats, grads, metrics, {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from steer_megatron.loss import old_policy_omega_range, steer_weights
 from steer_megatron.parallel import spawn_ranks
 from steer_megatron.train.balance import balanced_order, row_lengths
+from tests.models_helpers import update_gradients
 
 ROWS, TOKENS, W_MIN = 8, 24, 0.8
 
@@ -107,15 +108,7 @@ def _update_grads(weights, **cfg):
     n = len(batch) // dp
     local = batch.slice(rank * n, (rank + 1) * n)
     actor.old_pass(local)
-    grads = {}
-
-    def capture():
-        grads.update({k: p.main_grad.detach().clone() for k, p in model.named_parameters()})
-        return True, 0.0, None
-
-    actor.optimizer.step = capture
-    actor.update(local)
-    return grads
+    return update_gradients(actor, model, local)[0]
 
 
 def _reference_grads(weights, micro: int, over: str):
