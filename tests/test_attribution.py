@@ -7,8 +7,6 @@ the sum over tokens matches the change of the full step. TP=2 and DP=2 give the 
 import pytest
 import torch
 
-from steer_megatron.diagnostics.entropy_change import pearson
-
 VOCAB = 150
 SPANS = [(4, 12 + i % 3) for i in range(8)]  # 8 sequences, 8-10 response tokens each
 
@@ -60,53 +58,36 @@ def _central(change, lr):
     return (change(lr) - change(-lr)) / (2 * lr)
 
 
-def brute_force_worker(n_tokens: int, lr_token: float, lr_full: float):
+def brute_force_worker(n_tokens: int, token_step: float, lr_full: float):
     from dataclasses import replace
 
     from steer_megatron.diagnostics.measure import TrainingSnapshot, _set_lr
     from steer_megatron.parallel import ParallelLayout, init_parallel
     from steer_megatron.train.attribution import entropy_attribution
-    from tests.tiny_gpt import plain_entropy
+    from tests.tool_modules import load_tool
 
     init_parallel(ParallelLayout(), seed=3)
     actor = _actor(_weights(), 1, 0)
     batch = _batch()
     actor.old_pass(batch)
-    ids, mask, adv = batch.input_ids, batch.loss_mask, batch.advantages
+    mask, adv = batch.loss_mask, batch.advantages
     n = int(mask.sum())
     before = {k: p.detach().clone() for k, p in actor.model.named_parameters()}
     attr, _ = entropy_attribution(actor, batch, n)
     restored = all(torch.equal(before[k], p) for k, p in actor.model.named_parameters())
 
-    # Per token, in plain torch on the bare model (not the actor's path): the SGD step of token j's
-    # term of the token-mean surrogate alone, delta = lr * A_j / N * grad log p_j (ratio 1), and
-    # the change of the batch's summed entropy from float64 log-softmax of the raw logits.
+    # Per token, in plain torch on the bare model (not the actor's path; the function
+    # tools/attribution_check.py runs on real models): the SGD step of token j's term of the
+    # token-mean surrogate alone, +-s A_j / N grad log p_j, and the change of the batch's summed
+    # entropy from float64 log-softmax of the raw logits.
+    tool = load_tool("attribution_check")
+    single = tool.per_token_brute_force(actor, batch, attr, VOCAB, n_tokens, token_step, seed=0)
     gpt = actor.model.module
-    gpt.eval()
-    params = [p for p in gpt.parameters()]
-    pos = torch.arange(ids.shape[1])[None]
 
     def h_total():
-        with torch.no_grad():
-            return float(plain_entropy(gpt, ids, VOCAB)[mask].sum())
+        return tool.plain_entropy_sum(gpt, batch, VOCAB)
 
     h0 = h_total()
-    single = []
-    idx = mask.nonzero()[:n_tokens]
-    for i, t in idx.tolist():
-        logits = gpt(ids[i:i + 1], pos, None)[0, t, :VOCAB].double()
-        grads = torch.autograd.grad(torch.log_softmax(logits, -1)[ids[i, t + 1]], params)
-
-        def change(lr):
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.add_(g.to(p.dtype), alpha=lr * float(adv[i, t]) / n)
-                dh = h_total() - h0
-                for p, k in zip(params, before):
-                    p.copy_(before[k])
-            return dh
-
-        single.append(_central(change, lr_token))
 
     # The full step through the actor's own update (megatron's SGD, the GRPO loss), both signs.
     def full_change(lr):
@@ -118,19 +99,20 @@ def brute_force_worker(n_tokens: int, lr_token: float, lr_full: float):
         return dh
 
     full = _central(full_change, lr_full)
-    return dict(attr=attr, idx=idx, single=torch.tensor(single, dtype=torch.float64), full=full, restored=restored)
+    return dict(single=single, full=full, restored=restored, attr_sum=float(attr.double().sum()))
 
 
 def test_attribution_matches_per_token_sgd_steps_and_the_full_step():
     from steer_megatron.parallel import spawn_ranks
 
-    (out,) = spawn_ranks(brute_force_worker, 1, 30, 0.03, 1e-3)
+    (out,) = spawn_ranks(brute_force_worker, 1, 30, 1e-3, 1e-3)
     assert out["restored"], "the perturbed forward did not restore the weights bit for bit"
-    attr = out["attr"][tuple(out["idx"].T)].double()
-    r = pearson(attr, out["single"])
-    print("pearson", r, "sum of the attribution", float(out["attr"].sum()), "measured full step", out["full"])
-    assert r >= 0.95
-    assert float(out["attr"].double().sum()) == pytest.approx(out["full"], rel=0.02)
+    single = out["single"]
+    assert single["weights_restored"] and single["tokens"] == 30
+    print("per token", {k: v for k, v in single.items() if k != "rows"}, "sum of the attribution", out["attr_sum"],
+          "measured full step", out["full"])
+    assert single["pearson"] >= 0.95
+    assert out["attr_sum"] == pytest.approx(out["full"], rel=0.02)
 
 
 def layout_worker(tp: int, distributed: bool, weights=None):

@@ -6,23 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.real_model_helpers import smollm2_or_skip
-
-
-def _load_tool(name: str):
-    """tools/<name>.py as a module (the tools put the repo on sys.path through tools/_common.py)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))
-    try:
-        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(tools))
-    return mod
+from tests.tool_modules import load_tool
 
 
 def _tiny_gguf(path, arch: str, chat_template: str | None = None):
@@ -98,7 +82,7 @@ def test_entropy_tool_measures_in_float32():
     move at lr 1e-6), and a bf16 checkpoint is refused with the way out."""
     from steer_megatron.config import load_config
 
-    mod = _load_tool("verify_entropy_change")
+    mod = load_tool("verify_entropy_change")
     cfg = load_config(None, ["model.dtype=bfloat16"])
     args = mod.build_parser().parse_args(["--hf", "x", "--out", "y", "--lr", "1e-6"])
     assert mod._apply_flags(cfg, args) == [1e-6] and cfg.model.dtype == "float32"
@@ -112,7 +96,7 @@ def test_base_accuracy_bootstrap_interval_matches_the_normal_one():
     """tools/base_accuracy.py's interval over prompts: for 60 prompts half right, half wrong the
     mean's standard error is sqrt(0.25 / 60) = 0.0645, so the 95% interval is 0.5 +- 0.126; the
     tolerance covers the bootstrap's own sampling error at 4000 resamples and the 1/60 grid."""
-    mod = _load_tool("base_accuracy")
+    mod = load_tool("base_accuracy")
     lo, hi = mod.bootstrap_interval([0.0, 1.0] * 30, 4000, seed=0)
     half = 1.96 * (0.25 / 60) ** 0.5
     assert abs(lo - (0.5 - half)) < 0.03 and abs(hi - (0.5 + half)) < 0.03
@@ -125,7 +109,7 @@ def test_base_accuracy_paired_interval(tmp_path, capsys):
     separate intervals would overlap; mismatched prompt sets are refused."""
     import json
 
-    mod = _load_tool("base_accuracy")
+    mod = load_tool("base_accuracy")
     a = [0.0, 0.25, 0.5, 0.75] * 5
     for name, scores, data in (("a", a, "d"), ("b", [x + 0.25 for x in a], "d"), ("c", a[:4], "other")):
         (tmp_path / f"{name}.json").write_text(json.dumps({"data": data, "per_prompt": scores}))

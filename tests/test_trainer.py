@@ -128,38 +128,36 @@ def test_sigterm_then_resume_reproduces_an_uninterrupted_run(tmp_path, demo_cach
     assert_same_metrics(_metrics(tmp_path / "cut"), _metrics(tmp_path / "full"))
 
 
-def _torchrun(tmp_path, demo_cache, nproc, *extra):
-    """A relaunch as a user makes it: `torchrun --nproc-per-node N -m steer_megatron.train ...`."""
-    over = _overrides(tmp_path, demo_cache, "trainer.run_name=grow", "trainer.save_every=2",
-                     "trainer.keep_last=3", *extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "steer_megatron.train", *over]
-    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:]
+def _launch(tmp_path, demo_cache, nproc, *extra):
+    """A relaunch: fresh processes on nproc ranks resume the run "grow" (each rank gets the RANK /
+    WORLD_SIZE / MASTER_* environment torchrun gives; torchrun itself runs in the Slurm and nemo-run
+    tests)."""
+    over = _overrides(tmp_path, demo_cache, "trainer.run_name=grow", "trainer.keep_last=3", *extra)
+    spawn_ranks(train_worker, nproc, over)
 
 
 def test_resume_at_another_layout_continues_the_run(tmp_path, demo_cache):
-    """A run's identity is what it learns, not how it is laid out: 2 steps at TP=1 on one rank, then
-    relaunched on 2 ranks at TP=2 to step 4, then at PP=2 to step 6. Each launch resumes the latest
+    """A run's identity is what it learns, not how it is laid out: 1 step at TP=1 on one rank, then
+    relaunched on 2 ranks at TP=2 for step 2, then at PP=2 for step 3. Each launch resumes the latest
     checkpoint (resharded) and continues the same data order. What the run learns is its identity:
     the same run name with another learning rate is refused."""
-    _torchrun(tmp_path, demo_cache, 1, "trainer.total_steps=2")
-    _torchrun(tmp_path, demo_cache, 2, "trainer.total_steps=4", "parallel.tp=2")
-    _torchrun(tmp_path, demo_cache, 2, "trainer.total_steps=6", "parallel.pp=2")
+    _launch(tmp_path, demo_cache, 1, "trainer.total_steps=1")
+    _launch(tmp_path, demo_cache, 2, "trainer.total_steps=2", "parallel.tp=2")
+    _launch(tmp_path, demo_cache, 2, "trainer.total_steps=3", "parallel.pp=2")
     run = tmp_path / "grow"
     steps = [r for r in _metrics(run) if "actor/pg_loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # no step trained twice, none restarted from 0
+    assert [r["step"] for r in steps] == [1, 2, 3]  # no step trained twice, none restarted from 0
     # each launch's first rollouts come from the weights it resumed: the version it published
-    assert [r["rollout/weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
+    assert [r["rollout/weight_version"] for r in steps] == [0, 1, 2]
     assert all(r["sync/parity_max_abs_diff"] <= 1e-4 for r in steps)
     # the data order went on: 8 prompts a step (trainer.rollout_batch_size) from one epoch's order,
     # never restarted by a relaunch
-    for step, layout in ((2, {"tp": 1, "pp": 1, "dp": 1}), (4, {"tp": 2, "pp": 1, "dp": 1}), (6, {"tp": 1, "pp": 2, "dp": 1})):
+    for step, layout in ((1, {"tp": 1, "pp": 1, "dp": 1}), (2, {"tp": 2, "pp": 1, "dp": 1}), (3, {"tp": 1, "pp": 2, "dp": 1})):
         meta = json.loads((run / "checkpoints" / f"iter_{step:07d}" / "meta.json").read_text())
         assert meta["layout"] == layout
         assert (meta["extra"]["sampler"]["epoch"], meta["extra"]["sampler"]["position"]) == (0, 8 * step)
     assert (run / "DONE").is_file() and (run / "hf" / "config.json").is_file()
-    over = _overrides(tmp_path, demo_cache, "trainer.run_name=grow", "trainer.total_steps=8", "optim.lr=0.5")
+    over = _overrides(tmp_path, demo_cache, "trainer.run_name=grow", "trainer.total_steps=5", "optim.lr=0.5")
     with pytest.raises(RuntimeError, match="holds checkpoints of a different run"):
         spawn_ranks(train_worker, 1, over)
 

@@ -1,7 +1,8 @@
 """Start N local ranks (gloo on CPU, NCCL on GPU) and collect each rank's return value.
 
 Used by the tests and by tools that launch their own ranks (converters). Functions passed in
-must be importable (module level), because ranks are started with the spawn method.
+must be importable (module level): ranks are new processes (forked from a fork server, or
+spawned), never forks of the caller.
 """
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def free_port_block(n: int, tries: int = 50) -> int:
     raise RuntimeError(f"no block of {n} consecutive free ports found in {tries} tries")
 
 
-def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue) -> None:
+def _rank_main(rank: int, world: int, port: int, env: dict, fn: Callable, args: tuple, kwargs: dict, queue) -> None:
+    # the caller's environment now, not the fork server's from when it started
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -69,16 +73,34 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, kwar
             dist.destroy_process_group()
 
 
+# Imported once by the fork server; each rank forked from it starts without re-importing them
+# (torch + megatron-core take several seconds of CPU per process: the bulk of a small test's time).
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "transformers"]
+
+
+def _context():
+    """A CPU build of torch: ranks fork from a server that imported _PRELOAD (a clean process
+    started for the purpose, not the caller). A CUDA / ROCm build: fresh spawned processes, as
+    a driver initialised before a fork is not usable after it."""
+    import torch
+
+    if torch.version.cuda or getattr(torch.version, "hip", None):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0, **kwargs: Any) -> list[Any]:
     """Run fn(*args, **kwargs) on world_size fresh processes; return results ordered by rank.
 
     Raises RuntimeError with the failing rank's traceback if any rank fails or times out.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, queue), daemon=False)
+        ctx.Process(target=_rank_main, args=(r, world_size, port, dict(os.environ), fn, args, kwargs, queue), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
