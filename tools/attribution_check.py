@@ -88,9 +88,12 @@ def per_token_brute_force(actor, batch, attr, vocab: int, k: int, token_step: fl
     """Each of k random response tokens' own SGD step, two-sided, against its attribution."""
     import torch
 
+    from steer_megatron.diagnostics.entropy_change import pearson, sign_agreement, spearman
+
     ids, mask, adv = batch.input_ids, batch.loss_mask, batch.advantages
     n = int(mask.sum())
     gpt = actor.model.module
+    was_training = gpt.training
     gpt.eval()
     params = list(gpt.parameters())
     saved = [p.detach().clone() for p in params]
@@ -99,9 +102,9 @@ def per_token_brute_force(actor, batch, attr, vocab: int, k: int, token_step: fl
     picked = sorted(random.Random(seed).sample(positions, min(k, len(positions))))
     h0 = plain_entropy_sum(gpt, batch, vocab)
     rows = []
+    pos = torch.arange(ids.shape[1])[None]
     t0 = time.perf_counter()
     for done, (i, t) in enumerate(picked, 1):
-        pos = torch.arange(ids.shape[1])[None]
         logits = gpt(ids[i:i + 1], pos, None)[0, t, :vocab].double()
         grads = torch.autograd.grad(torch.log_softmax(logits, -1)[ids[i, t + 1]], params)
         c = float(adv[i, t]) / n  # token j's term of the token-mean surrogate, ratio 1
@@ -125,19 +128,11 @@ def per_token_brute_force(actor, batch, attr, vocab: int, k: int, token_step: fl
         if done % 10 == 0:
             print(f"  per-token brute force: {done}/{len(picked)} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
     restored = all(torch.equal(p, w) for p, w in zip(params, saved))
+    gpt.train(was_training)
     a = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     m = torch.tensor([r[3] for r in rows], dtype=torch.float64)
-
-    def rank(x):
-        return x.argsort().argsort().double()
-
-    def pearson(x, y):
-        x, y = x - x.mean(), y - y.mean()
-        return float((x * y).sum() / (x.norm() * y.norm()))
-
     return {"tokens": len(rows), "of_response_tokens": n, "token_step": token_step,
-            "pearson": pearson(a, m), "spearman": pearson(rank(a), rank(m)),
-            "sign_agreement": float(((a > 0) == (m > 0)).double().mean()),
+            "pearson": pearson(a, m), "spearman": spearman(a, m), "sign_agreement": sign_agreement(a, m)[0],
             "sum_attribution": float(a.sum()), "sum_measured": float(m.sum()),
             "weights_restored": restored, "seconds": time.perf_counter() - t0,
             "rows": [{"seq": i, "pos": t, "attribution": x, "measured": y} for i, t, x, y in rows]}
